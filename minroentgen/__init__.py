@@ -1,0 +1,1 @@
+"""minroentgen: RoentGen (Stable Diffusion fine-tuned on chest X-rays) from scratch."""
