@@ -1,0 +1,90 @@
+"""Timing and memory helpers shared by the benchmarks (never used by tests)."""
+import json
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def sd15_configs() -> dict:
+    """The SD v1.5 component configs (diffusers' `expanded` form) from ../shared/reference."""
+    return json.loads((REFERENCE / "sd15_configs.json").read_text())["expanded"]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class PeakMemory:
+    """Peak extra memory while the block runs: CUDA allocator peak on a GPU, else resident set size
+    sampled every 2 ms (the CPU allocator returns big buffers to the OS, so RSS tracks activations)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = _rss_bytes()
+            self.running = True
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def _poll(self):
+        while self.running:
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.extra = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.extra = self.peak - self.base
+
+
+def measure(fn, device, repeats=3, warmup=1):
+    """Median seconds of `fn()` over `repeats` runs after `warmup`, and the peak extra memory in bytes."""
+    for _ in range(warmup):
+        fn()
+    times, peaks = [], []
+    for _ in range(repeats):
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            fn()
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        peaks.append(mem.extra)
+    return statistics.median(times), max(peaks)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def write_results(title: str, rows: list[tuple], header: tuple):
+    """Append a section to RESULTS.md (newest last) and print it."""
+    lines = [f"\n## {title}\n", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nWritten by the scripts in this folder; newest sections last.\n")
+    with RESULTS.open("a") as f:
+        f.write(text)

@@ -1,0 +1,157 @@
+"""Prompt -> chest X-ray: encode the text, run the guided denoising loop, decode the latents.
+
+This is Stable Diffusion inference (Rombach et al. 2022, Sec. 3.3) as RoentGen samples it
+(Chambon et al. 2022: PNDM, 75 steps, classifier-free guidance scale 4):
+
+    prompt --tokenizer--> ids (B, 77) --text_encoder--> context (B, 77, 768)
+    noise (B, 4, H/8, W/8) --[scheduler loop over unet(latents, t, context), guided]--> latents
+    latents / 0.18215 --vae.decode--> image (B, 3, H, W) in [-1, 1]
+
+Classifier-free guidance (Ho & Salimans 2022, eq. 6): the UNet runs on the prompt and on the
+negative prompt (empty by default) in one batch, and the two noise predictions are extrapolated,
+eps = eps_neg + g * (eps_prompt - eps_neg).
+"""
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .clip import CLIPTextConfig, CLIPTextModel
+from .schedulers import SchedulerConfig, make_scheduler
+from .tokenizer import CLIPTokenizer
+from .unet import UNet2DConditionModel, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+from .weights import WeightsError, check_state_dict, load_checkpoint, save_pretrained
+
+SCHEDULER_NAMES = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How a model wants to be sampled; a weights folder may override these in `sampling.json`.
+    The fallbacks are the paper's settings: PNDM, 75 steps, guidance 4."""
+    scheduler: str = "pndm"
+    steps: int = 75
+    guidance: float = 4.0
+    height: int = 512
+    width: int = 512
+
+
+def _build(model_cls, config, state_dict, source: str, device, dtype):
+    """Make a model without random init (meta tensors), then fill every parameter from the file."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_state_dict(expected, state_dict, source)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+class StableDiffusion:
+    """The four parts of Stable Diffusion and the sampling loop that ties them together."""
+
+    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config, defaults=SamplingDefaults()):
+        self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.scheduler_config, self.defaults = scheduler_config, defaults
+
+    @classmethod
+    def from_pretrained(cls, path, config_dir=None, device="cpu", dtype=torch.float32):
+        """Load a diffusers folder or an original single-file checkpoint (see `weights.py`)."""
+        ckpt = load_checkpoint(path, config_dir=config_dir)
+        parts = {
+            "text_encoder": (CLIPTextModel, CLIPTextConfig),
+            "unet": (UNet2DConditionModel, UNetConfig),
+            "vae": (AutoencoderKL, VAEConfig),
+        }
+        models = {}
+        for name, (model_cls, config_cls) in parts.items():
+            try:
+                config = config_cls.from_dict(ckpt.configs[name])
+            except ValueError as e:
+                raise WeightsError(f"{ckpt.source}: {name} config: {e}") from None
+            models[name] = _build(model_cls, config, ckpt.state_dicts[name], f"{ckpt.source} ({name})", device, dtype)
+        tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer.default()
+        scheduler = ckpt.configs.get("scheduler") or {}
+        scheduler_config = SchedulerConfig.from_dict(scheduler)
+        vae_f = models["vae"].config.downsample_factor
+        size = models["unet"].config.sample_size * vae_f
+        defaults = SamplingDefaults(scheduler=SCHEDULER_NAMES.get(scheduler.get("_class_name"), "pndm"),
+                                    height=size, width=size)
+        sampling = Path(path) / "sampling.json"
+        if sampling.is_file():
+            defaults = replace(defaults, **json.loads(sampling.read_text()))
+        return cls(tokenizer, models["text_encoder"], models["unet"], models["vae"], scheduler_config, defaults)
+
+    def save_pretrained(self, folder):
+        """Write a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads too."""
+        models = {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+        save_pretrained(
+            folder,
+            configs={k: m.config.to_dict() for k, m in models.items()},
+            state_dicts={k: m.state_dict() for k, m in models.items()},
+            tokenizer=self.tokenizer,
+            scheduler_config=self.scheduler_config.to_dict(),
+            sampling=asdict(self.defaults),
+        )
+
+    @property
+    def device(self):
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self):
+        return self.unet.conv_in.weight.dtype
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts).to(self.device)  # (B, 77)
+        return self.text_encoder(ids)  # (B, 77, D)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, n=1, seed=0, negative="", steps=None, guidance=None,
+                 scheduler=None, height=None, width=None, eta=0.0, progress=True) -> torch.Tensor:
+        """Sample `n` images of one prompt; returns (n, 3, H, W) in [-1, 1], float32 on the CPU.
+
+        Seed s draws the initial latents as
+        `torch.randn((n, C, H//f, W//f), generator=torch.Generator("cpu").manual_seed(s))`,
+        so the same seed gives the same picture here and in diffusers.
+        """
+        d = self.defaults
+        steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
+        height, width = height or d.height, width or d.width
+        f = self.vae.config.downsample_factor
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f} (the VAE's downsampling), got {height}x{width}")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        sched = make_scheduler(scheduler or d.scheduler, self.scheduler_config)
+        sched.set_timesteps(steps)
+
+        guided = guidance > 1.0  # as diffusers: guidance 1 (or less) means the prompt alone
+        context = self.encode_prompt([negative, prompt] if guided else [prompt])  # (1 or 2, 77, D)
+        context = context.repeat_interleave(n, dim=0)  # (n or 2n, 77, D): [neg x n, prompt x n]
+
+        generator = torch.Generator("cpu").manual_seed(seed)
+        shape = (n, self.unet.config.in_channels, height // f, width // f)
+        latents = torch.randn(shape, generator=generator).to(self.device, self.dtype)
+        latents = latents * sched.init_noise_sigma
+        for t in tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False):
+            x = torch.cat([latents, latents]) if guided else latents  # (2n or n, 4, h, w)
+            x = sched.scale_model_input(x, t)
+            eps = self.unet(x, t.to(self.device), context)
+            if guided:
+                eps_neg, eps_prompt = eps.chunk(2)
+                eps = eps_neg + guidance * (eps_prompt - eps_neg)
+            step_kwargs = {"eta": eta} if eta else {}
+            latents = sched.step(eps, t, latents, generator=generator, **step_kwargs)
+        image = self.vae.decode(latents / self.vae.config.scaling_factor)  # (n, 3, H, W)
+        return image.float().cpu()
+
+
+def to_grayscale_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W) uint8: to [0, 255] as diffusers does
+    (round(255 * clamp(x/2 + 0.5))) per channel, then the mean of the three channels."""
+    rgb = ((images / 2 + 0.5).clamp(0, 1) * 255).round()
+    return rgb.mean(dim=1).round().to(torch.uint8)

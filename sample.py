@@ -1,0 +1,136 @@
+"""Sample chest X-rays from radiology text.
+
+    python sample.py "small left pleural effusion"
+    python sample.py "moderate cardiomegaly" "no acute cardiopulmonary process" --n 4 --seed 7
+    python sample.py "right upper lobe consolidation" --weights path/to/roentgen  # a diffusers folder
+    python sample.py "left pneumothorax" --weights v1-5-pruned-emaonly.safetensors  # a single file
+
+Without --weights the small model embedded in weights/default is used. See weights/README.md for
+Stable Diffusion v1.x and RoentGen's own weights.
+"""
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from minroentgen.pipeline import StableDiffusion, to_grayscale_uint8
+from minroentgen.weights import WeightsError
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="one or more radiology texts, e.g. a report's impression")
+    p.add_argument("--weights", help="a diffusers folder or an original single-file checkpoint "
+                   "(.safetensors/.ckpt); default: the embedded model in weights/default")
+    p.add_argument("--config", help="a diffusers folder whose config files describe a single-file checkpoint's "
+                   "architecture where its tensor shapes cannot (e.g. attention heads of a non-standard model)")
+    p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the weights' setting, else 75 as in the paper)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 turns guidance off "
+                   "(default: the weights' setting, else 4 as in the paper)")
+    p.add_argument("--scheduler", choices=["pndm", "ddim", "ddpm"],
+                   help="sampler (default: the weights' scheduler, else pndm as in the paper)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise; the same seed gives the same "
+                   "image here and in diffusers (default 0)")
+    p.add_argument("--negative", default="", help="negative prompt, the unconditional branch of guidance (default: empty)")
+    p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 for SD (default: the model's size)")
+    p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's size)")
+    p.add_argument("--out", default="samples", help="output folder (default samples/); existing files are never overwritten")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where to run (default auto: cuda, then mps, then cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="precision (default auto: fp16 on cuda, fp32 elsewhere)")
+    args = p.parse_args(argv)
+    if not args.prompts:
+        p.error('give at least one prompt, e.g. python sample.py "small left pleural effusion"')
+    if args.n < 1:
+        p.error(f"--n must be at least 1, got {args.n}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
+    for side in ("height", "width"):
+        v = getattr(args, side)
+        if v is not None and v < 1:
+            p.error(f"--{side} must be positive, got {v}")
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        sys.exit("sample.py: error: --device cuda, but this torch build sees no CUDA GPU; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        sys.exit("sample.py: error: --device mps, but MPS is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
+
+
+def free_path(folder: Path, stem: str) -> Path:
+    """`folder/stem.png`, or `stem-2.png`, `stem-3.png`, ... if taken: never overwrite."""
+    path, k = folder / f"{stem}.png", 2
+    while path.exists():
+        path, k = folder / f"{stem}-{k}.png", k + 1
+    return path
+
+
+def grid(images: list[Image.Image], cols: int) -> Image.Image:
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    out = Image.new("L", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        out.paste(im, ((i % cols) * w, (i // cols) * h))
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    weights = Path(args.weights) if args.weights else DEFAULT_WEIGHTS
+    if not args.weights and not weights.exists():
+        sys.exit("sample.py: error: no embedded default model in weights/default yet. Point --weights at a "
+                 "Stable Diffusion v1.x or RoentGen diffusers folder or single file; weights/README.md says where to get them.")
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    try:
+        sd = StableDiffusion.from_pretrained(weights, config_dir=args.config, device=device, dtype=dtype)
+    except WeightsError as e:
+        sys.exit(f"sample.py: error: {e}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    d = sd.defaults
+    settings = dict(steps=args.steps or d.steps, guidance=d.guidance if args.guidance is None else args.guidance,
+                    scheduler=args.scheduler or d.scheduler, height=args.height or d.height, width=args.width or d.width)
+    written = []
+    for prompt in args.prompts:
+        try:
+            images = sd(prompt, n=args.n, seed=args.seed, negative=args.negative, **settings)
+        except ValueError as e:
+            sys.exit(f"sample.py: error: {e}")
+        for i, pixels in enumerate(to_grayscale_uint8(images)):
+            meta = PngInfo()
+            for key, value in dict(prompt=prompt, negative_prompt=args.negative, seed=args.seed,
+                                   weights=str(weights), index=i, **settings).items():
+                meta.add_text(key, str(value))
+            im = Image.fromarray(pixels.numpy())
+            path = free_path(out, f"{slug(prompt)}-{args.seed}-{i}")
+            im.save(path, pnginfo=meta)
+            written.append((path, im))
+    if len(written) > 1:
+        path = free_path(out, f"grid-{slug(args.prompts[0])}-{args.seed}")
+        grid([im for _, im in written], cols=args.n).save(path)
+        written.append((path, None))
+    for path, _ in written:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

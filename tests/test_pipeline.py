@@ -1,0 +1,107 @@
+"""End to end: `sample.py` gives the same PNG as diffusers' StableDiffusionPipeline on the same weights."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from oracle import diffusers_pipeline
+
+PROMPT = "small left pleural effusion"
+KW = dict(steps=6, guidance=4.0, seed=3, n=2, size=32)
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_configs, tmp_path_factory):
+    """The same random tiny pipeline as a safetensors folder, a .bin folder and an original single file."""
+    from minroentgen.weights import load_checkpoint, save_original
+
+    pipe = diffusers_pipeline(tiny_configs["sd1"])
+    root = tmp_path_factory.mktemp("weights")
+    pipe.save_pretrained(root / "safetensors", safe_serialization=True)
+    pipe.save_pretrained(root / "bin", safe_serialization=False)
+    save_original(root / "single.safetensors", load_checkpoint(root / "safetensors").state_dicts)
+    return pipe, root
+
+
+def reference_gray(pipe, scheduler, negative=None):
+    """diffusers' images as our PNGs hold them: uint8 per channel, then the channel mean."""
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(PROMPT, negative_prompt=negative, num_inference_steps=KW["steps"], guidance_scale=KW["guidance"],
+                  generator=torch.Generator("cpu").manual_seed(KW["seed"]), num_images_per_prompt=KW["n"],
+                  height=KW["size"], width=KW["size"], output_type="np").images  # (n, H, W, 3) in [0, 1]
+    rgb = np.round(images * 255)
+    return np.round(rgb.mean(axis=-1))
+
+
+def run_sample(weights, scheduler, out, extra=()):
+    args = [PROMPT, "--weights", str(weights), "--scheduler", scheduler, "--steps", str(KW["steps"]),
+            "--guidance", str(KW["guidance"]), "--seed", str(KW["seed"]), "--n", str(KW["n"]),
+            "--height", str(KW["size"]), "--width", str(KW["size"]), "--out", str(out), *extra]
+    sample.main(args)
+    return [out / f"small-left-pleural-effusion-{KW['seed']}-{i}.png" for i in range(KW["n"])]
+
+
+@pytest.mark.parametrize("scheduler", ["PNDMScheduler", "DDIMScheduler", "DDPMScheduler"])
+def test_same_png_as_diffusers(sources, scheduler, tmp_path):
+    pipe, root = sources
+    expected = reference_gray(pipe, scheduler)
+    assert expected.std() > 1, "reference images are flat: the test would not see a difference"
+    name = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}[scheduler]
+    for source in ("safetensors", "bin", "single.safetensors"):
+        extra = ("--config", str(root / "safetensors")) if source.startswith("single") else ()
+        paths = run_sample(root / source, name, tmp_path / source, extra)
+        got = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() <= 1, f"{source} with {name}"
+
+
+def test_negative_prompt_is_the_unconditional_branch(sources, tmp_path):
+    pipe, root = sources
+    expected = reference_gray(pipe, "DDIMScheduler", negative="no acute cardiopulmonary process")
+    paths = run_sample(root / "safetensors", "ddim", tmp_path, ("--negative", "no acute cardiopulmonary process"))
+    got = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
+    assert np.abs(got - expected).max() <= 1
+    plain = reference_gray(pipe, "DDIMScheduler")
+    assert np.abs(plain - expected).max() > 1, "the negative prompt changed nothing: the test cannot fail"
+
+
+def test_outputs_metadata_grid_and_no_overwrite(sources, tmp_path, capsys):
+    _, root = sources
+    first = run_sample(root / "safetensors", "ddim", tmp_path)
+    again = run_sample(root / "safetensors", "ddim", tmp_path)  # same names: must not overwrite
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 2 * (KW["n"] + 1)  # n images and a grid, twice
+    assert len({*printed}) == len(printed) and all((tmp_path / p).exists() or Image.open(p) for p in printed)
+    assert any("grid" in p for p in printed)
+    info = Image.open(first[0]).text
+    assert info["prompt"] == PROMPT and info["seed"] == str(KW["seed"]) and info["scheduler"] == "ddim"
+    assert {"negative_prompt", "steps", "guidance", "weights"} <= info.keys()
+    assert Image.open(first[0]).mode == "L"
+    assert again == first and sorted(tmp_path.glob("*-2.png"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "at least one prompt"),
+    (["x", "--height", "-8"], "positive"),
+    (["x", "--steps", "0"], "at least 1"),
+    (["x", "--n", "0"], "at least 1"),
+])
+def test_bad_arguments_get_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_size_the_model_cannot_take_is_refused(sources, tmp_path, capsys):
+    _, root = sources
+    with pytest.raises(SystemExit, match="multiple"):
+        sample.main(["x", "--weights", str(root / "safetensors"), "--height", "33", "--out", str(tmp_path)])
+
+
+def test_missing_weights_say_what_to_do(tmp_path):
+    with pytest.raises(SystemExit, match=r"\S"):
+        sample.main(["x", "--weights", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
