@@ -1,0 +1,475 @@
+"""data.py: report sections, the three dataset layouts, preprocessing, bad input, truncation.
+
+Every dataset here is a tiny fake in the official layout, built in a tmp folder; report texts are
+written in the style of MIMIC-CXR and Open-I (Open-I's first report is the public CXR1 text)."""
+import csv
+import gzip
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minroentgen.data import (ImageReportDataset, Pair, extract_impression, load_image, openi_report,
+                              read_pairs, report_sections)
+
+# ----------------------------------------------------------------------------- report texts
+
+MIMIC_FULL = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+ 
+ INDICATION:  ___F with new onset ascites  // eval for infection
+ 
+ TECHNIQUE:  Chest PA and lateral
+ 
+ COMPARISON:  None.
+ 
+ FINDINGS: 
+ 
+ There is no focal consolidation, pleural effusion or pneumothorax.  Bilateral
+ nodular opacities that most likely represent nipple shadows. The
+ cardiomediastinal silhouette is normal.  Clips project over the left lung,
+ potentially within the breast.
+ 
+ IMPRESSION: 
+ 
+ No acute cardiopulmonary process.
+"""
+
+MIMIC_FINDINGS_ONLY = """                                 FINAL REPORT
+ HISTORY:  ___-year-old man with shortness of breath.
+ 
+ FINDINGS:  Portable AP upright chest radiograph was obtained.  Moderate
+ cardiomegaly is stable.  Small bilateral pleural effusions, left greater than
+ right, are new since ___.
+"""
+
+MIMIC_NO_SECTION = """                                 FINAL REPORT
+ INDICATION:  ___ year old woman with fever.
+ 
+ COMPARISON:  ___
+ 
+ Single portable view of the chest is compared to the previous exam from ___.
+ Again there are bilateral pleural effusions with overlying atelectasis.
+"""
+
+MIMIC_TWO_IMPRESSIONS = """                                 FINAL REPORT
+ WET READ: ___ ___ 3:14 PM
+  Right lower lobe opacity.
+ 
+ FINDINGS:  Right lower lobe opacity concerning for pneumonia.
+ 
+ IMPRESSION:  Right lower lobe pneumonia.
+ 
+ ADDENDUM:  Discussed with Dr. ___.
+ 
+ IMPRESSION:  Right lower lobe pneumonia; follow-up radiographs recommended
+ after treatment to document resolution.
+ 
+ IMPRESSION: 
+"""
+
+MIMIC_LONG = """                                 FINAL REPORT
+ INDICATION:  ___ with chest pain.
+ 
+ IMPRESSION: 
+ 
+ 1. Endotracheal tube terminates approximately 4 cm above the carina.  Enteric
+ tube courses below the diaphragm with its tip in the stomach.  Right internal
+ jugular central venous catheter terminates in the mid superior vena cava.
+ 2. Moderate right and small left pleural effusions with adjacent bibasilar
+ atelectasis, increased since the prior study.  Superimposed infection at the
+ lung bases cannot be excluded.  3. Mild pulmonary vascular congestion without
+ frank edema.  4. Stable moderate cardiomegaly.  No pneumothorax.
+"""
+
+
+def test_impression_rules():
+    assert extract_impression(MIMIC_FULL) == "No acute cardiopulmonary process."
+    assert extract_impression(MIMIC_FINDINGS_ONLY) == (  # no impression: findings, whitespace made single
+        "Portable AP upright chest radiograph was obtained. Moderate cardiomegaly is stable. Small bilateral "
+        "pleural effusions, left greater than right, are new since ___.")
+    assert extract_impression(MIMIC_NO_SECTION) == (  # neither: the last section after its first paragraph
+        "Single portable view of the chest is compared to the previous exam from ___. "
+        "Again there are bilateral pleural effusions with overlying atelectasis.")
+    # the last non-empty impression wins (the empty one at the end is dropped); ___ marks are kept
+    assert extract_impression(MIMIC_TWO_IMPRESSIONS) == ("Right lower lobe pneumonia; follow-up radiographs "
+                                                         "recommended after treatment to document resolution.")
+    # normalised heading names
+    for heading in ("CONCLUSION", "FINDINGS AND IMPRESSION", "IMPRESSIONS", "IMPRESSON"):
+        text = f"FINAL REPORT\n FINDINGS:  Lungs are clear.\n \n {heading}:  No pneumonia.\n"
+        assert extract_impression(text) == "No pneumonia.", heading
+    assert extract_impression("FINAL REPORT\n CHEST, PA AND LATERAL:  Lungs are clear.\n") == "Lungs are clear."
+    names = [name for name, _ in report_sections(MIMIC_FULL)]
+    assert names == ["preamble", "examination", "indication", "technique", "comparison", "findings", "impression"]
+    assert extract_impression("No headings at all, one paragraph.") == ""  # nothing to stand in: empty
+
+
+# ----------------------------------------------------------------------------- MIMIC-CXR layout
+
+# (subject, study, dicom_id, ViewPosition, split); studies get the reports below
+MIMIC_IMAGES = [
+    ("10000032", "50414267", "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014", "PA", "train"),
+    ("10000032", "50414267", "174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962", "LATERAL", "train"),
+    ("10000032", "53189527", "2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab", "AP", "train"),
+    ("10000898", "50771383", "68b5c4b1-227d0485-9cc38c3f-7b84ab51-4b472714", "AP", "train"),
+    ("10000898", "50771383", "b0a1d1a5-8a5e0b3f-0b9e4b55-31f2e1a7-5c1c4f9e", "LL", "train"),
+    ("10000898", "50771383", "c3b4e9f2-7e0c1a2d-6f5b8a9c-0d1e2f3a-4b5c6d7e", "", "train"),
+    ("10000764", "57375967", "096052b7-d256dc40-453a102b-fa7d01c6-1b22c6b4", "AP", "validate"),
+    ("11000011", "51029426", "e084de3b-be89b11e-20fe3f9f-9c8d8dfe-4cfd202c", "PA", "test"),
+]
+MIMIC_REPORTS = {"50414267": MIMIC_FULL, "53189527": MIMIC_FINDINGS_ONLY, "50771383": MIMIC_TWO_IMPRESSIONS,
+                 "57375967": MIMIC_NO_SECTION, "51029426": MIMIC_FULL}
+
+
+def write_csv(path, header, rows):
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def save_gray(path, size=(20, 16), value=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size[::-1], value, dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(params=["", ".gz"], ids=["csv", "csv.gz"])
+def mimic(tmp_path, request):
+    root = tmp_path / "mimic-cxr-jpg"
+    for subject, study, dicom, _, _ in MIMIC_IMAGES:
+        save_gray(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg")
+        (root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt").write_text(MIMIC_REPORTS[study])
+    write_csv(root / f"mimic-cxr-2.0.0-metadata.csv{request.param}",
+              ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
+               "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
+               "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"],
+              [[d, s, st, "CHEST (PA AND LAT)", v, 16, 20, 21800506, 213014.531, "CHEST (PA AND LAT)",
+                "postero-anterior", "Erect"] for s, st, d, v, _ in MIMIC_IMAGES])
+    write_csv(root / f"mimic-cxr-2.0.0-split.csv{request.param}", ["dicom_id", "study_id", "subject_id", "split"],
+              [[d, st, s, sp] for s, st, d, _, sp in MIMIC_IMAGES])
+    return root
+
+
+def test_mimic_frontal_official_split(mimic):
+    def pairs(split):
+        return [(str(p.image.relative_to(mimic)), p.report) for p in read_pairs(mimic, split=split)]
+
+    assert pairs("train") == [  # the lateral, LL and view-less images are gone
+        ("files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg",
+         "No acute cardiopulmonary process."),
+        ("files/p10/p10000032/s53189527/2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab.jpg",
+         extract_impression(MIMIC_FINDINGS_ONLY)),
+        ("files/p10/p10000898/s50771383/68b5c4b1-227d0485-9cc38c3f-7b84ab51-4b472714.jpg",
+         extract_impression(MIMIC_TWO_IMPRESSIONS))]
+    assert pairs("validate") == [("files/p10/p10000764/s57375967/096052b7-d256dc40-453a102b-fa7d01c6-1b22c6b4.jpg",
+                                  extract_impression(MIMIC_NO_SECTION))]
+    assert [p for p, _ in pairs("test")] == [
+        "files/p11/p11000011/s51029426/e084de3b-be89b11e-20fe3f9f-9c8d8dfe-4cfd202c.jpg"]
+    with pytest.raises(ValueError, match="official splits are train, validate, test"):
+        read_pairs(mimic, split="val")
+    dataset = ImageReportDataset(read_pairs(mimic, "mimic-cxr"), resolution=8)
+    assert len(dataset) == 3 and dataset[0]["pixel_values"].shape == (3, 8, 8)
+
+
+def test_mimic_missing_tables(mimic):
+    for table in mimic.glob("mimic-cxr-2.0.0-split.csv*"):
+        table.unlink()
+    with pytest.raises(ValueError, match="lacks mimic-cxr-2.0.0-split.csv"):
+        read_pairs(mimic)
+    for table in mimic.glob("mimic-cxr-2.0.0-metadata.csv*"):
+        table.unlink()
+    with pytest.raises(ValueError, match="none of the known layouts"):
+        read_pairs(mimic)
+
+
+def test_mimic_missing_report_is_an_empty_report(mimic):
+    (mimic / "files/p10/p10000032/s53189527.txt").unlink()
+    dataset = ImageReportDataset(read_pairs(mimic), resolution=8)
+    assert len(dataset) == 2 and [p.name for p in dataset.skipped["empty report"]] == [
+        "2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab.jpg"]
+
+
+# ----------------------------------------------------------------------------- Open-I layout
+
+def openi_xml(n, sections, image_ids):
+    abstract = "".join(f'<AbstractText Label="{label}">{text}</AbstractText>' if text is not None else
+                       f'<AbstractText Label="{label}"/>' for label, text in sections.items())
+    images = "".join(f'<parentImage id="{i}"><figureId>F{k}</figureId><caption>Xray Chest PA and Lateral</caption>'
+                     f'<url>/hadoop/storage/radiology/extract/{i}.jpg</url></parentImage>'
+                     for k, i in enumerate(image_ids, start=1))
+    return (f'<?xml version="1.0" encoding="utf-8"?><eCitation><meta type="rr"/><uId id="CXR{n}"/>'
+            '<MedlineCitation Owner="Indiana University" Status="supplied by publisher"><Article PubModel="Electronic">'
+            f'<ArticleTitle>Indiana University Chest X-ray Collection</ArticleTitle><Abstract>{abstract}</Abstract>'
+            f'</Article></MedlineCitation><MeSH><major>normal</major></MeSH>{images}</eCitation>')
+
+
+OPENI_REPORTS = {
+    1: ({"COMPARISON": "None.", "INDICATION": "Positive TB test",
+         "FINDINGS": "The cardiac silhouette and mediastinum size are within normal limits. There is no pulmonary "
+                     "edema. There is no focal consolidation. There are no XXXX of a pleural effusion. There is no "
+                     "evidence of pneumothorax.",
+         "IMPRESSION": "Normal chest x-XXXX."}, ["CXR1_1_IM-0001-3001", "CXR1_1_IM-0001-4001"]),
+    2: ({"COMPARISON": "Chest radiographs XXXX.", "INDICATION": "XXXX-year-old male, chest pain.",
+         "FINDINGS": "The cardiomediastinal silhouette is within normal limits for size and contour. The lungs are "
+                     "normally inflated without evidence of focal airspace disease, pleural effusion, or "
+                     "pneumothorax. Stable calcified granuloma within the right upper lung.",
+         "IMPRESSION": None}, ["CXR2_IM-0652-1001", "CXR2_IM-0652-2001"]),
+    3: ({"FINDINGS": "Heart size normal. Lungs are clear.", "IMPRESSION": "No acute disease."}, []),
+    4: ({"COMPARISON": None, "FINDINGS": "  ", "IMPRESSION": None}, ["CXR4_IM-2050-1001"]),
+}
+
+
+@pytest.fixture
+def openi(tmp_path):
+    root = tmp_path / "NLMCXR"
+    (root / "ecgen-radiology").mkdir(parents=True)
+    for n, (sections, ids) in OPENI_REPORTS.items():
+        (root / "ecgen-radiology" / f"{n}.xml").write_text(openi_xml(n, sections, ids))
+        for i in ids:
+            save_gray(root / "NLMCXR_png" / f"{i}.png")
+    return root
+
+
+def test_openi_report(openi):
+    def report(n):
+        return openi_report(openi / "ecgen-radiology" / f"{n}.xml")
+
+    assert report(1) == ("Normal chest x-XXXX.", ["CXR1_1_IM-0001-3001", "CXR1_1_IM-0001-4001"])
+    assert report(2)[0].startswith("The cardiomediastinal silhouette")  # empty IMPRESSION: FINDINGS
+    assert report(3) == ("No acute disease.", [])
+    assert report(4) == ("", ["CXR4_IM-2050-1001"])
+
+
+def test_openi_without_view_table_warns_and_keeps_all(openi):
+    with pytest.warns(UserWarning, match="no view table given, so every image is used"):
+        pairs = read_pairs(openi)
+    assert [(p.image.name, p.report[:20]) for p in pairs] == [
+        ("CXR1_1_IM-0001-3001.png", "Normal chest x-XXXX."), ("CXR1_1_IM-0001-4001.png", "Normal chest x-XXXX."),
+        ("CXR2_IM-0652-1001.png", "The cardiomediastina"), ("CXR2_IM-0652-2001.png", "The cardiomediastina"),
+        ("CXR4_IM-2050-1001.png", "")]
+    assert all(p.image.is_file() for p in pairs)  # found under NLMCXR_png/
+    dataset = ImageReportDataset(pairs, resolution=8)
+    assert len(dataset) == 4 and dataset.skipped == {"empty report": [pairs[-1].image]}
+
+
+@pytest.mark.parametrize("suffix", ["csv", "csv.gz"])
+def test_openi_view_table_keeps_frontal(openi, tmp_path, suffix):
+    table = tmp_path / f"nlmcxr_dicom_metadata.{suffix}"
+    write_csv(table, ["imageid", "Modality", "View Position", "Rows", "Columns"],
+              [["CXR1_1_IM-0001-3001", "CR", "PA", 2048, 2500], ["CXR1_1_IM-0001-4001", "CR", "LL", 2048, 2500],
+               ["CXR2_IM-0652-1001", "DX", "AP", 2500, 2048], ["CXR2_IM-0652-2001", "DX", "LATERAL", 2500, 2048],
+               ["CXR4_IM-2050-1001", "CR", "", 2048, 2048]])
+    pairs = read_pairs(openi, view_table=table)
+    assert [p.image.name for p in pairs] == ["CXR1_1_IM-0001-3001.png", "CXR2_IM-0652-1001.png"]
+    write_csv(table, ["imageid", "view"], [["CXR1_1_IM-0001-3001", "PA"]])
+    with pytest.raises(ValueError, match="'imageid' and 'View Position'"):
+        read_pairs(openi, view_table=table)
+
+
+# ----------------------------------------------------------------------------- csv / jsonl
+
+def test_csv_and_jsonl_paths_relative_to_file(tmp_path, monkeypatch):
+    folder = tmp_path / "phantoms"
+    save_gray(folder / "images" / "0000.png")
+    save_gray(folder / "images" / "0001.png")
+    rows = [{"image": "images/0000.png", "report": "Small left  pleural\neffusion.", "labels": '{"effusion": 1}'},
+            {"image": "images/0001.png", "report": "No acute cardiopulmonary process.", "labels": "{}"}]
+    write_csv(folder / "reports.csv", ["labels", "image", "report"], [[r["labels"], r["image"], r["report"]] for r in rows])
+    (folder / "reports.jsonl").write_text("".join(json.dumps({**r, "age": 61}) + "\n" for r in rows) + "\n")
+    monkeypatch.chdir(tmp_path)  # the paths must not depend on the working folder
+    expected = [Pair(folder / "images/0000.png", "Small left pleural effusion."),
+                Pair(folder / "images/0001.png", "No acute cardiopulmonary process.")]
+    assert read_pairs("phantoms/reports.csv") == expected
+    assert read_pairs(folder / "reports.jsonl", dataset="csv") == expected
+    write_csv(folder / "bad.csv", ["path", "report"], [["images/0000.png", "Normal."]])
+    with pytest.raises(ValueError, match="row 1 lacks an 'image' or 'report' column"):
+        read_pairs(folder / "bad.csv")
+    with pytest.raises(ValueError, match="view_table is for Open-I only"):
+        read_pairs(folder / "reports.csv", view_table=folder / "reports.csv")
+
+
+def test_unknown_layouts(tmp_path):
+    with pytest.raises(ValueError, match="does not exist: expected a .csv/.jsonl file"):
+        read_pairs(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="is none of the known layouts.*ecgen-radiology"):
+        read_pairs(tmp_path)
+    with pytest.raises(ValueError, match="dataset='chexpert'"):
+        read_pairs(tmp_path, dataset="chexpert")
+    with pytest.raises(ValueError, match="lacks ecgen-radiology/"):
+        read_pairs(tmp_path, dataset="openi")
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def test_load_image_8bit_shape_range_channels(tmp_path):
+    rng = np.random.default_rng(0)
+    save = tmp_path / "noise.png"
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(save)
+    x = load_image(save, 40)  # no resize: exactly the pixels, scaled
+    assert x.shape == (3, 40, 40) and x.dtype == torch.float32
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])
+    expected = torch.from_numpy(np.asarray(Image.open(save), dtype=np.float32)) / 255 * 2 - 1
+    torch.testing.assert_close(x[0], expected, atol=1e-6, rtol=0)
+    y = load_image(save, 16)  # resized: still in range, not constant
+    assert y.shape == (3, 16, 16) and y.min() >= -1 and y.max() <= 1 and y.std() > 0.05
+
+
+def test_load_image_16bit_keeps_contrast(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (64, 1))  # a horizontal 16-bit gradient
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
+    x = load_image(tmp_path / "ramp16.png", 64)[0]
+    assert x.min() == -1 and x.max() == 1  # the full range, not clipped at 255
+    assert torch.all(x[:, 1:] > x[:, :-1])  # every column brighter than the one before
+    torch.testing.assert_close(x[0], torch.from_numpy(ramp[0] / 65535 * 2 - 1).float(), atol=1e-6, rtol=0)
+    dim = (np.tile(np.arange(64), (64, 1)) * 50 + 1000).astype(np.uint16)  # all values > 255, all < 4200
+    Image.fromarray(dim).save(tmp_path / "dim16.png")
+    y = load_image(tmp_path / "dim16.png", 32)[0]
+    assert -0.98 < y.min() < y.max() < -0.86 and len(y[0].unique()) == 32
+
+
+def test_load_image_modes_agree(tmp_path):
+    gray = np.random.default_rng(1).integers(0, 256, (24, 24), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "l.png")
+    Image.fromarray(gray).convert("RGB").save(tmp_path / "rgb.png")
+    Image.fromarray(gray).convert("RGB").save(tmp_path / "rgb.jpg", quality=100)
+    Image.merge("RGBA", [Image.fromarray(gray)] * 3 + [Image.new("L", (24, 24), 0)]).save(tmp_path / "rgba.png")
+    Image.merge("LA", [Image.fromarray(gray), Image.new("L", (24, 24), 255)]).save(tmp_path / "la.png")
+    reference = load_image(tmp_path / "l.png", 16)
+    for name in ("rgb.png", "rgba.png", "la.png"):
+        torch.testing.assert_close(load_image(tmp_path / name, 16), reference, atol=1e-6, rtol=0)
+    assert (load_image(tmp_path / "rgb.jpg", 16) - reference).abs().max() < 0.05  # lossy, but the same picture
+
+
+@pytest.mark.parametrize("size, resolution, marker, box", [
+    ((24, 16), 16, [(5, 11)], (5, 7)),              # wide, no resize: columns 4..19 kept
+    ((16, 24), 16, [(9, 3)], (5, 3)),               # tall: rows 4..19 kept
+    ((48, 32), 16, [(r, c) for r in range(9, 13) for c in range(21, 25)], (5, 7)),  # wide, halved: 4x4 -> about 1 pixel
+])
+def test_center_crop_geometry(tmp_path, size, resolution, marker, box):
+    w, h = size
+    img = np.zeros((h, w), dtype=np.uint8)
+    for r, c in marker:
+        img[r, c] = 255
+    if w > h:  # markers at the ends of the long side: cropped away
+        img[h // 2, [0, w - 1]] = 255
+    else:
+        img[[0, h - 1], w // 2] = 255
+    Image.fromarray(img).save(tmp_path / "marker.png")
+    x = load_image(tmp_path / "marker.png", resolution)[0]
+    assert divmod(int(x.argmax()), resolution) == box and x.max() > 0.9
+    assert x.min() >= -1 and x.max() <= 1  # bicubic overshoots at the marker's edges: clamped
+    if resolution == min(w, h):  # no resize: the marker is the one bright pixel left
+        assert (x > -1).sum() == 1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.fixture
+def messy(tmp_path):
+    good = tmp_path / "good.png"
+    save_gray(good)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "corrupt.png").write_bytes(b"this is not an image at all, just text" * 10)
+    save_gray(tmp_path / "other.png")
+    return [Pair(good, "Normal chest."), Pair(tmp_path / "missing.png", "Left pleural effusion."),
+            Pair(tmp_path / "empty.png", "Cardiomegaly."), Pair(tmp_path / "corrupt.png", "Right pneumothorax."),
+            Pair(tmp_path / "other.png", "   "), Pair(good, "No acute process.")]
+
+
+def test_bad_pairs_counted_and_skipped(messy, tmp_path):
+    dataset = ImageReportDataset(messy, resolution=8)
+    assert [p.report for p in dataset.pairs] == ["Normal chest.", "No acute process."]
+    assert dataset.skipped == {"missing image": [tmp_path / "missing.png"], "zero-byte image": [tmp_path / "empty.png"],
+                               "unreadable image": [tmp_path / "corrupt.png"], "empty report": [tmp_path / "other.png"]}
+    summary = dataset.summary()
+    assert "\n" not in summary and summary.startswith("2 of 6 image-report pairs used; skipped 4: 1 missing image (")
+    assert str(tmp_path / "corrupt.png") in summary and "no tokenizer" in summary
+    item = dataset[1]
+    assert item["report"] == "No acute process." and item["pixel_values"].shape == (3, 8, 8)
+
+
+def test_strict_and_nothing_usable(messy, tmp_path):
+    with pytest.raises(ValueError) as error:
+        ImageReportDataset(messy, resolution=8, strict=True)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"pair 2 of 6: missing image {tmp_path / 'missing.png'}")
+    with pytest.raises(ValueError, match=r"no usable image-report pair among the 4 read: skipped 4: 1 missing image"):
+        ImageReportDataset(messy[1:5], resolution=8)
+    with pytest.raises(ValueError, match="no usable image-report pair among the 0 read"):
+        ImageReportDataset([], resolution=8)
+    with pytest.raises(ValueError, match="positive multiple of 8"):
+        ImageReportDataset(messy, resolution=100)
+
+
+def test_truncated_file_found_at_load_time(tmp_path):
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not
+    pairs = [Pair(tmp_path / "cut.png", "Truncated file."), Pair(tmp_path / "whole.png", "Whole file.")]
+    dataset = ImageReportDataset(pairs, resolution=16)
+    assert len(dataset) == 2
+    with pytest.warns(UserWarning, match="cannot decode .*cut.png.*using the next pair"):
+        item = dataset[0]
+    assert item["report"] == "Whole file."
+    with pytest.raises(ValueError, match="cannot decode .*cut.png.*strict"):
+        ImageReportDataset(pairs, resolution=16, strict=True)[0]
+
+
+def test_dataloader_batches(messy):
+    loader = torch.utils.data.DataLoader(ImageReportDataset(messy, resolution=8), batch_size=2)
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["report"] == ["Normal chest.", "No acute process."]
+
+
+# ----------------------------------------------------------------------------- truncation
+
+class WordTokenizer:
+    """Stub: one token per word, room for 5 between start and end."""
+    max_length = 7
+
+    def num_tokens(self, text):
+        return len(text.split())
+
+
+def test_truncation_counted_with_stub(messy):
+    pairs = [Pair(messy[0].image, "one two three four five six seven"), Pair(messy[0].image, "one two three"),
+             Pair(messy[0].image, "a b c d e")]
+    dataset = ImageReportDataset(pairs, resolution=8, tokenizer=WordTokenizer())
+    assert [p.report for p in dataset.pairs] == ["one two three four five", "one two three", "a b c d e"]
+    assert dataset.num_truncated == 1 and dataset.summary().endswith("1 reports cut to 5 tokens")
+
+
+def test_truncation_with_clip_tokenizer(messy):
+    tokenizer = pytest.importorskip("minroentgen.tokenizer").CLIPTokenizer.default()
+    long = extract_impression(MIMIC_LONG)
+    assert tokenizer.num_tokens(long) > 75
+    pairs = [Pair(messy[0].image, long), Pair(messy[0].image, extract_impression(MIMIC_FULL))]
+    dataset = ImageReportDataset(pairs, resolution=8, tokenizer=tokenizer)
+    cut = dataset.pairs[0].report
+    n = tokenizer.num_tokens(cut)
+    next_word = long[len(cut):].split()[0]
+    assert long.startswith(cut) and n <= 75 < tokenizer.num_tokens(f"{cut} {next_word}")
+    assert dataset.pairs[1].report == "No acute cardiopulmonary process." and dataset.num_truncated == 1
+    # what is kept is what the tokenizer keeps of the whole report, up to the last whole word
+    with pytest.warns(UserWarning, match="truncated"):
+        full_ids = tokenizer(long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the cut text fits: the tokenizer has nothing left to truncate
+        cut_ids = tokenizer(cut)
+    assert torch.equal(cut_ids[0, : n + 1], full_ids[0, : n + 1])
+
+
+def test_reads_what_phantom_writes(tmp_path):
+    phantom = pytest.importorskip("minroentgen.phantom")
+    if not hasattr(phantom, "write_dataset"):
+        pytest.skip("phantom.write_dataset is not there yet")
+    phantom.write_dataset(tmp_path / "phantoms", 3, size=64)
+    dataset = ImageReportDataset(read_pairs(tmp_path / "phantoms" / "reports.csv"), resolution=32)
+    assert len(dataset) == 3 and dataset.skipped == {}
+    assert dataset[2]["pixel_values"].shape == (3, 32, 32) and dataset[2]["report"]
