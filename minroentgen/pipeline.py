@@ -65,23 +65,27 @@ class StableDiffusion:
             "unet": (UNet2DConditionModel, UNetConfig),
             "vae": (AutoencoderKL, VAEConfig),
         }
-        models = {}
-        for name, (model_cls, config_cls) in parts.items():
+        def config(name, config_cls):
             try:
-                config = config_cls.from_dict(ckpt.configs[name])
-            except ValueError as e:
+                return config_cls.from_dict(ckpt.configs.get(name) or {})
+            except (ValueError, TypeError) as e:
                 raise WeightsError(f"{ckpt.source}: {name} config: {e}") from None
-            models[name] = _build(model_cls, config, ckpt.state_dicts[name], f"{ckpt.source} ({name})", device, dtype)
+
+        models = {name: _build(model_cls, config(name, config_cls), ckpt.state_dicts[name],
+                               f"{ckpt.source} ({name})", device, dtype)
+                  for name, (model_cls, config_cls) in parts.items()}
         tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer.default()
-        scheduler = ckpt.configs.get("scheduler") or {}
-        scheduler_config = SchedulerConfig.from_dict(scheduler)
-        vae_f = models["vae"].config.downsample_factor
-        size = models["unet"].config.sample_size * vae_f
-        defaults = SamplingDefaults(scheduler=SCHEDULER_NAMES.get(scheduler.get("_class_name"), "pndm"),
+        scheduler_config = config("scheduler", SchedulerConfig)
+        unet_size, vae = models["unet"].config.sample_size, models["vae"].config
+        size = unet_size * vae.downsample_factor if unet_size else vae.sample_size  # diffusers' default size
+        defaults = SamplingDefaults(scheduler=SCHEDULER_NAMES.get(scheduler_config.class_name, "pndm"),
                                     height=size, width=size)
         sampling = Path(path) / "sampling.json"
         if sampling.is_file():
-            defaults = replace(defaults, **json.loads(sampling.read_text()))
+            try:
+                defaults = replace(defaults, **json.loads(sampling.read_text()))
+            except (ValueError, TypeError) as e:
+                raise WeightsError(f"{sampling}: not a valid sampling.json ({e}); fix or delete it") from None
         return cls(tokenizer, models["text_encoder"], models["unet"], models["vae"], scheduler_config, defaults)
 
     def save_pretrained(self, folder):

@@ -345,7 +345,11 @@ def infer_configs(components: dict, config: dict | None = None, source: str = "c
         given = config.get(name, {})
         if name == "text_encoder":  # the shapes cannot tell the heads; CLIP's are 64 channels wide
             hidden = shapes["hidden_size"]
-            defaults = {**defaults, "num_attention_heads": max(1, hidden // 64), "projection_dim": hidden}
+            if hidden % 64 and "num_attention_heads" not in given:
+                raise WeightsError(f"{source}: the text encoder is {hidden} wide, not a multiple of CLIP's 64-wide "
+                                   f"attention heads, so its head count cannot be read from the shapes; pass the "
+                                   f"diffusers folder these weights came from as the config (sample.py --config DIR)")
+            defaults = {**defaults, "num_attention_heads": hidden // 64, "projection_dim": hidden}
         for key in shapes.keys() & given.keys():
             said = list(given[key]) if isinstance(given[key], (list, tuple)) else given[key]
             if said != shapes[key]:
