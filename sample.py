@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from minroentgen.pipeline import StableDiffusion, to_grayscale_uint8
+from minroentgen.pipeline import StableDiffusion, image_grid, to_grayscale_uint8
 from minroentgen.weights import WeightsError
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
@@ -83,15 +83,6 @@ def free_path(folder: Path, stem: str) -> Path:
     return path
 
 
-def grid(images: list[Image.Image], cols: int) -> Image.Image:
-    w, h = images[0].size
-    rows = (len(images) + cols - 1) // cols
-    out = Image.new("L", (cols * w, rows * h))
-    for i, im in enumerate(images):
-        out.paste(im, ((i % cols) * w, (i // cols) * h))
-    return out
-
-
 def main(argv=None):
     args = parse_args(argv)
     weights = Path(args.weights) if args.weights else DEFAULT_WEIGHTS
@@ -120,13 +111,12 @@ def main(argv=None):
             for key, value in dict(prompt=prompt, negative_prompt=args.negative, seed=args.seed,
                                    weights=str(weights), index=i, **settings).items():
                 meta.add_text(key, str(value))
-            im = Image.fromarray(pixels.numpy())
             path = free_path(out, f"{slug(prompt)}-{args.seed}-{i}")
-            im.save(path, pnginfo=meta)
-            written.append((path, im))
+            Image.fromarray(pixels.numpy()).save(path, pnginfo=meta)
+            written.append((path, pixels))
     if len(written) > 1:
         path = free_path(out, f"grid-{slug(args.prompts[0])}-{args.seed}")
-        grid([im for _, im in written], cols=args.n).save(path)
+        Image.fromarray(image_grid(torch.stack([g for _, g in written]), cols=args.n).numpy()).save(path)
         written.append((path, None))
     for path, _ in written:
         print(path)

@@ -159,3 +159,12 @@ def to_grayscale_uint8(images: torch.Tensor) -> torch.Tensor:
     (round(255 * clamp(x/2 + 0.5))) per channel, then the mean of the three channels."""
     rgb = ((images / 2 + 0.5).clamp(0, 1) * 255).round()
     return rgb.mean(dim=1).round().to(torch.uint8)
+
+
+def image_grid(gray: torch.Tensor, cols: int) -> torch.Tensor:
+    """(B, H, W) uint8 -> one (rows*H, cols*W) sheet, `cols` images a row, unused cells black."""
+    B, H, W = gray.shape
+    rows = -(-B // cols)
+    sheet = torch.zeros(rows * cols, H, W, dtype=gray.dtype)
+    sheet[:B] = gray
+    return sheet.view(rows, cols, H, W).transpose(1, 2).reshape(rows * H, cols * W)

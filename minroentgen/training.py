@@ -1,0 +1,256 @@
+"""The training recipe of RoentGen: fine-tune Stable Diffusion's UNet (and text encoder) on image-report pairs.
+
+Objective (LDM, Rombach et al. 2022, Eq. 2; DDPM, Ho et al. 2020, Eq. 14 "simple" loss): encode the image
+with the frozen VAE, z0 = scaling_factor * (mean + std * eps_q), draw t ~ U{0, T-1} and eps ~ N(0, I),
+and regress the UNet's output on z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps against eps (or v):
+
+    loss = || eps - eps_theta(z_t, t, tau(report)) ||^2
+
+Randomness is a function of the sample's position in the training stream, not of the process that
+draws it: position p = 0, 1, 2, ... is dataset index perm_e[p mod N] of epoch e = p // N, and its
+timestep, noise, posterior sample and text-dropout coin come from a generator seeded with (seed, p).
+Step s consumes positions [s G, (s+1) G) of a global batch G, split into fixed slices per process and
+micro-batch. So a resumed run needs only the step number, and one process or many, with or without
+gradient accumulation, see the same samples with the same noise and average the same G losses.
+"""
+import hashlib
+import json
+import math
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from . import clip, schedulers, unet, vae
+from .pipeline import SamplingDefaults, StableDiffusion, image_grid, to_grayscale_uint8
+from .tokenizer import CLIPTokenizer
+from .vae import DiagonalGaussian
+
+PRESET_NAMES = sorted(unet.PRESETS.keys() & vae.PRESETS.keys() & clip.PRESETS.keys())  # "sd15", "tiny"
+
+
+def random_model(preset: str, resolution: int, seed: int, device="cpu") -> StableDiffusion:
+    """A Stable Diffusion with random weights from the modules' PRESETS (to train small models from scratch)."""
+    vae_config = vae.PRESETS[preset]
+    unet_config = replace(unet.PRESETS[preset], sample_size=resolution // vae_config.downsample_factor)
+    with torch.random.fork_rng(devices=[]):  # nn.Module initialisers draw from the global generator
+        torch.manual_seed(seed)
+        models = [clip.CLIPTextModel(clip.PRESETS[preset]), unet.UNet2DConditionModel(unet_config),
+                  vae.AutoencoderKL(vae_config)]
+    models = [m.to(device).eval().requires_grad_(False) for m in models]
+    return StableDiffusion(CLIPTokenizer.default(), *models, schedulers.PRESETS["sd15"],
+                           SamplingDefaults(height=resolution, width=resolution))
+
+
+# ----------------------------------------------------------------------------- randomness by position
+
+def generator(seed: int, kind: str, n: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, kind, n): e.g. ("sample", position), ("epoch", e)."""
+    digest = hashlib.sha256(f"{seed}/{kind}/{n}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+class PositionDataset(torch.utils.data.Dataset):
+    """Position p -> the example at dataset index perm_{p // N}[p % N] and all of its random draws:
+    {"index", "pixel_values" (3, R, R), "input_ids" (77,), "timestep" (), "noise" and "posterior_eps"
+    (C, h, w)}. With probability `text_dropout` the report is replaced by "" (Ho & Salimans 2022,
+    classifier-free guidance: the model also learns the unconditional prediction)."""
+
+    def __init__(self, dataset, tokenizer, seed: int, latent_shape: tuple, num_train_timesteps: int,
+                 text_dropout: float):
+        self.dataset, self.tokenizer, self.seed = dataset, tokenizer, seed
+        self.latent_shape, self.T, self.text_dropout = latent_shape, num_train_timesteps, text_dropout
+        self._perm = (None, None)  # (epoch, permutation) of the last epoch asked for
+
+    def index(self, p: int) -> int:
+        epoch, n = divmod(p, len(self.dataset))
+        if self._perm[0] != epoch:
+            self._perm = (epoch, torch.randperm(len(self.dataset), generator=generator(self.seed, "epoch", epoch)))
+        return int(self._perm[1][n])
+
+    def __getitem__(self, p: int) -> dict:
+        i = self.index(p)
+        g = generator(self.seed, "sample", p)
+        t = torch.randint(0, self.T, (), generator=g)
+        drop = torch.rand((), generator=g) < self.text_dropout
+        noise = torch.randn(self.latent_shape, generator=g)
+        posterior_eps = torch.randn(self.latent_shape, generator=g)
+        example = self.dataset[i]
+        report = "" if drop else example["report"]
+        return {"index": i, "pixel_values": example["pixel_values"], "input_ids": self.tokenizer([report])[0],
+                "timestep": t, "noise": noise, "posterior_eps": posterior_eps}
+
+
+class StepSampler:
+    """Batches of positions for one process: step s, micro-batch k of rank r takes the m positions
+    s G + (r A + k) m + [0, m), with G = m A W (micro-batch m, accumulation A, world size W)."""
+
+    def __init__(self, start_step: int, micro_batch: int, accumulation: int, world_size: int, rank: int):
+        self.start, self.m, self.A, self.W, self.r = start_step, micro_batch, accumulation, world_size, rank
+
+    def __iter__(self):
+        G, s = self.m * self.A * self.W, self.start
+        while True:
+            for k in range(self.A):
+                first = s * G + (self.r * self.A + k) * self.m
+                yield list(range(first, first + self.m))
+            s += 1
+
+
+@torch.no_grad()
+def encode_latents(vae_model, pixels, indices, posterior_eps, cache: dict | None = None) -> torch.Tensor:
+    """Pixels (B, 3, H, W) -> scaled latents z0 (B, C, h, w) in fp32. The posterior moments of each
+    dataset index are memoised in `cache` (on the CPU) when one is given; the posterior sample is drawn
+    with the position's `posterior_eps` either way, so cached and uncached runs train on the same z0."""
+    todo = [j for j, i in enumerate(indices) if cache is None or i not in cache]
+    moments = [None] * len(indices)
+    if todo:
+        posterior = vae_model.encode(pixels[todo])
+        fresh = torch.cat([posterior.mean, posterior.logvar], dim=1)  # (b, 2C, h, w): the moments
+        for j, m in zip(todo, fresh):
+            moments[j] = m
+            if cache is not None:
+                cache[indices[j]] = m.cpu()
+    device = pixels.device
+    moments = torch.stack([m if m is not None else cache[i].to(device) for i, m in zip(indices, moments)])
+    posterior = DiagonalGaussian(moments.float())
+    z = posterior.mean + posterior.std * posterior_eps.to(device)  # the reparameterised sample
+    return z * vae_model.config.scaling_factor  # (B, C, h, w)
+
+
+# ----------------------------------------------------------------------------- the model being trained
+
+class Denoiser(nn.Module):
+    """UNet + text encoder -> the denoising loss; the module DDP wraps, so gradients of both sync."""
+
+    def __init__(self, unet_model, text_encoder, scheduler, train_text_encoder: bool):
+        super().__init__()
+        self.unet, self.text_encoder, self.train_text_encoder = unet_model, text_encoder, train_text_encoder
+        self.scheduler = scheduler  # a schedulers.Scheduler: add_noise and target
+
+    def forward(self, latents, input_ids, noise, timesteps) -> torch.Tensor:
+        """latents z0 (B, C, h, w), already scaled; input_ids (B, 77); noise like latents; timesteps (B,)."""
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            context = self.text_encoder(input_ids)  # (B, 77, D)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)  # z_t, DDPM Eq. 4
+        prediction = self.unet(noisy, timesteps, context)  # (B, C, h, w)
+        return F.mse_loss(prediction.float(), self.scheduler.target(latents, noise, timesteps).float())
+
+
+class EMA:
+    """Exponential moving average of the trained parameters (shadow weights, kept in fp32), with the
+    warm-up decay min(decay, (1 + step) / (10 + step)) of the LDM code (`LitEma`)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().float().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, p in model.named_parameters():
+            if k in self.shadow:
+                self.shadow[k].lerp_(p.float(), 1 - d)  # shadow = d * shadow + (1 - d) * p
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module):
+        for k, p in model.named_parameters():
+            if k in self.shadow:
+                p.copy_(self.shadow[k])
+
+    @contextmanager
+    def applied(self, model: nn.Module):
+        """Swap the EMA weights in for the duration of the block (e.g. to sample), then swap back."""
+        live = {k: p.detach().clone() for k, p in model.named_parameters() if k in self.shadow}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for k, p in model.named_parameters():
+                    if k in live:
+                        p.copy_(live[k])
+
+    def state_dict(self) -> dict:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict):
+        if state.keys() != self.shadow.keys():
+            raise ValueError(f"EMA weights hold {len(state)} tensors, the model trains {len(self.shadow)}; "
+                             "was the checkpoint written with another --train-text-encoder setting?")
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at (0-based) `step`: linear warm-up over `warmup` steps,
+    then constant, or a half cosine down to 0 at `max_steps` (Loshchilov & Hutter 2017, SGDR, Eq. 5)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_path(out: Path, step: int) -> Path:
+    return Path(out) / f"checkpoint-{step:06d}"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted(Path(out).glob("checkpoint-[0-9]*[0-9]")) if Path(out).is_dir() else []
+    return found[-1] if found else None
+
+
+def save_checkpoint(folder: Path, sd: StableDiffusion, ema: EMA | None, state: dict, keep: int = 0):
+    """`folder` = a diffusers folder of the trained weights (so `sample.py --weights folder` works), plus
+    `ema.safetensors` and `training_state.pt` (step, optimizer, scaler). Built under a temporary name and
+    renamed, so a crash never leaves half a checkpoint under the real name. Keeps the last `keep` (0: all)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        sd.save_pretrained(tmp)
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+        torch.save(state, tmp / "training_state.pt")
+        if folder.exists():  # the same step saved again (e.g. after a resume): swap in the new one
+            old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for stale in sorted(folder.parent.glob("checkpoint-[0-9]*[0-9]"))[:-keep] if keep else []:
+        shutil.rmtree(stale)
+
+
+def load_training_state(folder: Path) -> tuple[dict, dict | None]:
+    """(training_state.pt as saved, the EMA tensors or None) of a checkpoint folder."""
+    state = torch.load(Path(folder) / "training_state.pt", map_location="cpu", weights_only=True)
+    ema_file = Path(folder) / "ema.safetensors"
+    return state, load_file(ema_file) if ema_file.is_file() else None
+
+
+def save_grid(images: torch.Tensor, path: Path, cols: int):
+    """(B, 3, H, W) in [-1, 1] -> one grayscale PNG, `cols` images a row."""
+    sheet = image_grid(to_grayscale_uint8(images), cols)  # (rows*H, cols*W) uint8
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sheet.numpy()).save(path)
+
+
+def append_log(path: Path, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

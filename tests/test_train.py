@@ -1,0 +1,275 @@
+"""train.py and minroentgen/training.py: a tiny model (`--init tiny`) on 32-pixel phantoms, a few steps each."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sample
+import train
+from minroentgen import phantom, training
+from minroentgen.pipeline import StableDiffusion
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["--resolution", "32", "--batch-size", "4", "--lr", "1e-3", "--warmup", "2",
+        "--num-workers", "0", "--log-every", "1", "--sample-every", "0", "--val-prompts"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Adam divides each gradient by its running RMS, so it hides a wrongly scaled gradient, and it blows the
+# float noise of gradients that are zero in theory (conv biases before a GroupNorm) up to +-lr. Plain SGD
+# without clipping moves the weights by lr x the gradient: equal weights then mean equal gradients.
+SGD_PATCH = "torch.optim.AdamW = lambda params, lr, weight_decay, fused: torch.optim.SGD(params, lr=lr)"
+NO_CLIP = ["--max-grad-norm", "1e9", "--lr", "0.1"]
+
+
+@pytest.fixture
+def sgd(monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay, fused: torch.optim.SGD(params, lr=lr))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """8 phantoms (64 px, trained at 32) in a CSV: 2 steps of batch 4 make an epoch."""
+    out = tmp_path_factory.mktemp("phantoms")
+    phantom.write_dataset(out, n=8, size=64, seed=0)
+    return out / "reports.csv"
+
+
+def run(data, out, *extra, start=("--init", "tiny")):
+    train.main(["--data", str(data), "--out", str(out), *map(str, start), *BASE, *map(str, extra)])
+    return losses(out)
+
+
+def losses(out) -> dict[int, float]:
+    """step -> loss of log.jsonl; a step logged twice (after a resume) keeps its last value."""
+    lines = (Path(out) / "log.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def tensors(folder, part="unet") -> dict:
+    name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    return load_file(Path(folder) / part / name)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """30 steps on the phantoms, EMA on, a validation grid at step 20 and at the end."""
+    out = tmp_path_factory.mktemp("run")
+    train.main(["--data", str(data), "--out", str(out), "--init", "tiny", *BASE, "--max-steps", "30",
+                "--save-every", "15",
+                "--sample-every", "15", "--val-prompts", "small left pleural effusion", "normal chest",
+                "--val-steps", "3", "--ema-decay", "0.9"])
+    return out
+
+
+def test_loss_falls_when_overfitting_a_few_phantoms(trained):
+    loss = losses(trained)
+    assert sorted(loss) == list(range(1, 31))
+    first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(26, 31)) / 5
+    assert last < 0.6 * first, (first, last)
+    record = json.loads((trained / "log.jsonl").read_text().splitlines()[0])
+    assert record.keys() == {"step", "loss", "lr", "images_per_second", "time"}
+    assert (trained / "samples" / "step-000015.png").is_file() and (trained / "samples" / "step-000030.png").is_file()
+    assert sorted(p.name for p in trained.glob("checkpoint-*")) == ["checkpoint-000015", "checkpoint-000030"]
+
+
+def test_final_loads_in_sample_py_and_diffusers_and_trains_on(trained, data, tmp_path):
+    import diffusers
+
+    final = trained / "final"
+    sample.main(["small left pleural effusion", "--weights", str(final), "--steps", "2", "--out", str(tmp_path)])
+    assert len(list(tmp_path.glob("*.png"))) == 1
+    ours = StableDiffusion.from_pretrained(final)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(final, local_files_only=True)
+    for part in ("unet", "vae"):
+        theirs = getattr(pipe, part).state_dict()
+        assert max_diff(getattr(ours, part).state_dict(), theirs) == 0
+    theirs = {k if k.startswith("text_model.") else "text_model." + k: v
+              for k, v in pipe.text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    assert max_diff(ours.text_encoder.state_dict(), theirs) == 0
+    assert json.loads((final / "sampling.json").read_text())["height"] == 32
+    # it is also a starting point for more fine-tuning
+    assert sorted(run(data, tmp_path / "finetune", "--max-steps", "2", start=("--weights", final))) == [1, 2]
+    assert max_diff(tensors(tmp_path / "finetune" / "final"), tensors(final)) > 0
+    # final/ holds the EMA weights, not the last step's
+    assert max_diff(tensors(final), tensors(trained / "checkpoint-000030")) > 1e-4
+    ema = load_file(trained / "checkpoint-000030" / "ema.safetensors")
+    assert max_diff({k: ema["unet." + k] for k in tensors(final)}, tensors(final)) == 0
+
+
+def test_vae_and_untrained_text_encoder_never_change(trained, data, tmp_path):
+    start = training.random_model("tiny", 32, seed=0)
+    for part in ("vae", "text_encoder"):
+        assert max_diff(tensors(trained / "final", part), getattr(start, part).state_dict()) == 0
+    run(data, tmp_path, "--max-steps", "3", "--train-text-encoder", "--ema-decay", "0")
+    assert max_diff(tensors(tmp_path / "final", "text_encoder"), start.text_encoder.state_dict()) > 1e-4
+    assert max_diff(tensors(tmp_path / "final", "vae"), start.vae.state_dict()) == 0
+
+
+def test_ctrl_c_then_resume_gives_the_uninterrupted_losses_and_weights(data, tmp_path, monkeypatch):
+    extra = ["--max-steps", "6", "--save-every", "100", "--text-dropout", "0.5", "--train-text-encoder"]
+    whole = run(data, tmp_path / "whole", *extra)
+
+    append = training.append_log
+
+    def interrupt_at_step_3(path, record):
+        append(path, record)
+        if record["step"] == 3:
+            signal.raise_signal(signal.SIGINT)  # as Ctrl-C: the run finishes the step, saves and stops
+
+    monkeypatch.setattr(training, "append_log", interrupt_at_step_3)
+    part = run(data, tmp_path / "part", *extra)
+    monkeypatch.setattr(training, "append_log", append)
+    assert sorted(part) == [1, 2, 3] and (tmp_path / "part" / "checkpoint-000003").is_dir()
+    assert not (tmp_path / "part" / "final").exists()
+    resumed = run(data, tmp_path / "part", *extra, "--resume")
+    assert resumed == whole  # exactly
+    for component in ("unet", "text_encoder"):
+        assert max_diff(tensors(tmp_path / "part" / "final", component),
+                        tensors(tmp_path / "whole" / "final", component)) == 0
+
+
+def test_resume_with_more_steps_and_from_a_named_checkpoint(data, tmp_path):
+    constant = ["--lr-schedule", "constant", "--save-every", "2"]
+    whole = run(data, tmp_path / "whole", "--max-steps", "6", *constant, "--keep", "0")
+    run(data, tmp_path / "part", "--max-steps", "4", *constant)  # a shorter first run, then more steps
+    assert run(data, tmp_path / "part", "--max-steps", "6", *constant, "--resume") == whole
+    assert max_diff(tensors(tmp_path / "part" / "final"), tensors(tmp_path / "whole" / "final")) == 0
+    named = tmp_path / "whole" / "checkpoint-000002"
+    again = run(data, tmp_path / "whole", "--max-steps", "6", *constant, "--resume", named)
+    assert again == whole
+
+
+def test_cached_latents_and_loader_workers_give_the_same_losses(data, tmp_path):
+    plain = run(data, tmp_path / "plain", "--max-steps", "5")  # 2.5 epochs: later epochs read the cache
+    cached = run(data, tmp_path / "cached", "--max-steps", "5", "--cache-latents", "--num-workers", "2")
+    assert max(abs(plain[s] - cached[s]) for s in plain) <= 1e-6
+
+
+def test_gradient_accumulation_equals_the_full_batch(data, tmp_path, sgd):
+    full = run(data, tmp_path / "full", "--max-steps", "3", *NO_CLIP)
+    accumulated = run(data, tmp_path / "acc", "--max-steps", "3", "--micro-batch-size", "1", *NO_CLIP)
+    assert max(abs(full[s] - accumulated[s]) for s in full) <= 1e-5
+    assert max_diff(tensors(tmp_path / "full" / "final"), tensors(tmp_path / "acc" / "final")) <= 1e-5
+    assert max_diff(tensors(tmp_path / "full" / "final"), training.random_model("tiny", 32, 0).unet.state_dict()) > 1e-3
+    other_seed = run(data, tmp_path / "seed", "--max-steps", "3", "--seed", "1", *NO_CLIP)
+    assert max(abs(full[s] - other_seed[s]) for s in full) > 1e-3  # the comparison can see a difference
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint(data, tmp_path, monkeypatch):
+    save, calls = torch.save, []
+
+    def crash_on_second(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        save(obj, path, *a, **k)
+
+    monkeypatch.setattr(training.torch, "save", crash_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        run(data, tmp_path, "--max-steps", "6", "--save-every", "2")
+    monkeypatch.setattr(training.torch, "save", save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "log.jsonl"]  # no temporary folder
+    state, ema = training.load_training_state(tmp_path / "checkpoint-000002")
+    assert state["step"] == 2 and ema is not None
+    StableDiffusion.from_pretrained(tmp_path / "checkpoint-000002")
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
+    forward, calls = training.Denoiser.forward, []
+
+    def nan_at_step_4(self, *args):
+        calls.append(1)
+        loss = forward(self, *args)
+        return loss * float("nan") if len(calls) == 4 else loss
+
+    monkeypatch.setattr(training.Denoiser, "forward", nan_at_step_4)
+    with pytest.raises(SystemExit) as e:
+        run(data, tmp_path, "--max-steps", "6", "--save-every", "3")
+    message = str(e.value.code)
+    assert message.startswith("train.py: error: loss is nan at step 4") and "checkpoint-000003" in message
+    assert "\n" not in message
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000003"]
+    assert not (tmp_path / "final").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(data, tmp_path, sgd):
+    """torchrun runs train.py's main (with SGD patched in, see SGD_PATCH) in 2 processes over gloo."""
+    single = run(data, tmp_path / "one", "--max-steps", "3", *NO_CLIP)
+    script = tmp_path / "train_sgd.py"
+    script.write_text(f"import sys, torch\nsys.path.insert(0, {str(ROOT)!r})\n{SGD_PATCH}\n"
+                      "import train\ntrain.main()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--data", str(data), "--out", str(tmp_path / "two"), "--init", "tiny", *BASE, "--max-steps", "3",
+           "--micro-batch-size", "2",
+           *NO_CLIP]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    double = losses(tmp_path / "two")
+    assert max(abs(single[s] - double[s]) for s in single) <= 1e-5
+    assert max_diff(tensors(tmp_path / "one" / "final"), tensors(tmp_path / "two" / "final")) <= 1e-5
+
+
+def test_step_sampler_splits_each_global_batch_into_disjoint_slices():
+    G, steps = 12, 2
+    seen = []
+    for rank in range(2):
+        it = iter(training.StepSampler(start_step=1, micro_batch=3, accumulation=2, world_size=2, rank=rank))
+        seen += [p for _ in range(2 * steps) for p in next(it)]
+    assert sorted(seen) == list(range(G, G * (steps + 1)))
+
+
+def test_lr_schedule_and_ema():
+    assert training.lr_factor(0, 4, 100, "cosine") == 0.25 and training.lr_factor(3, 4, 100, "cosine") == 1
+    assert training.lr_factor(52, 4, 100, "cosine") == pytest.approx(0.5)
+    assert training.lr_factor(99, 4, 100, "constant") == 1 and training.lr_factor(100, 4, 100, "cosine") == 0
+    model = torch.nn.Linear(2, 1)
+    ema = training.EMA(model, decay=0.5)
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=100)  # decay = min(0.5, 101 / 110)
+    assert torch.allclose(ema.shadow["weight"], before + 0.5)
+    with ema.applied(model):
+        assert torch.allclose(model.weight, before + 0.5)
+    assert torch.allclose(model.weight, before + 1)
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--data", "nowhere.csv", "--init", "tiny"], "nowhere.csv"),
+    (["--data", "DATA", "--init", "tiny", "--weights", "w"], "exactly one of --weights"),
+    (["--data", "DATA"], "exactly one of --weights"),
+    (["--data", "DATA", "--init", "tiny", "--batch-size", "5", "--micro-batch-size", "2"], "not a multiple"),
+    (["--data", "DATA", "--init", "tiny", "--resume"], "--resume: no checkpoint"),
+    (["--data", "BAD", "--init", "tiny"], "no usable image-report pair"),
+    (["--data", "DATA", "--weights", "missing-weights"], "missing-weights"),
+])
+def test_bad_input_gets_a_one_line_error(extra, says, data, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,report\nmissing.png,small effusion\n")
+    argv = [{"DATA": str(data), "BAD": str(bad)}.get(a, a) for a in extra]
+    with pytest.raises(SystemExit) as e:
+        train.main([*argv, "--out", str(tmp_path / "out"), "--num-workers", "0"])
+    message = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("train.py: error: ") and says in message and "\n" not in message

@@ -1,0 +1,305 @@
+"""Fine-tune Stable Diffusion on chest X-rays and their reports, as RoentGen did (Chambon et al. 2022).
+
+The defaults are the paper's: SD v1.4 weights, 512x512 frontal images with their impressions, bf16,
+a global batch of 256, 60k steps, VAE frozen (add --train-text-encoder for the best variants).
+
+  python train.py --data mimic-cxr-jpg/ --weights ~/models/sd-v1-4 --train-text-encoder --out runs/roentgen
+  torchrun --nproc_per_node=8 train.py --data mimic-cxr-jpg/ --weights ~/models/sd-v1-4 --out runs/roentgen
+  python -m minroentgen.phantom --n 2000 --size 64 --out phantoms      # then, on a laptop CPU:
+  python train.py --data phantoms/reports.csv --init tiny --resolution 32 --batch-size 16 --max-steps 2000 \\
+                  --lr 1e-3 --warmup 100 --out runs/tiny
+  python sample.py "small left pleural effusion" --weights runs/tiny/final
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from minroentgen import training as T
+from minroentgen.data import ImageReportDataset, read_pairs
+from minroentgen.pipeline import StableDiffusion
+from minroentgen.schedulers import Scheduler
+
+AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+VAL_PROMPTS = ["No acute cardiopulmonary process.", "Small left pleural effusion.",
+               "Large right pneumothorax.", "Cardiomegaly with mild pulmonary edema."]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", required=True, help="a .csv/.jsonl file (image, report columns), a MIMIC-CXR-JPG folder "
+      "or an Open-I folder")
+    a("--dataset", choices=["csv", "mimic-cxr", "openi"], help="the layout of --data (default: inferred from it)")
+    a("--split", default="train", help="MIMIC-CXR official split to train on (default train)")
+    a("--view-table", help="Open-I only: a CSV with imageid and 'View Position' to keep frontal images (see data.py)")
+    a("--strict", action="store_true", help="stop at the first bad image-report pair instead of skipping it")
+    a("--weights", help="start from these weights: anything sample.py --weights loads (the paper: SD v1.4)")
+    a("--config", help="with a single-file --weights: a diffusers folder whose configs describe its architecture "
+      "where the tensor shapes cannot (as sample.py --config)")
+    a("--init", choices=T.PRESET_NAMES, help="start from random weights of a named config instead (train from scratch)")
+    a("--out", required=True, help="output folder: checkpoint-NNNNNN/, final/, samples/, log.jsonl")
+    a("--resume", nargs="?", const="latest", help="continue from the latest checkpoint in --out, or from the "
+      "checkpoint folder given; the weights then come from it (a --weights/--init also given is not used)")
+    a("--max-steps", type=int, default=60000, help="optimizer steps in all (default 60000: the paper's best models)")
+    a("--batch-size", type=int, default=256, help="global batch: images per optimizer step over all processes "
+      "(default 256, the paper's; an A100 held 8 images at 512 in bf16)")
+    a("--micro-batch-size", type=int, help="images per process per forward pass; the rest is gradient "
+      "accumulation, batch = micro x accumulation x processes (default: batch / processes)")
+    a("--resolution", type=int, default=512, help="image side in pixels (default 512, the paper's)")
+    a("--train-text-encoder", action="store_true", help="train the CLIP text encoder too (the paper's best variants)")
+    a("--lr", type=float, default=1e-5, help="peak AdamW learning rate (default 1e-5: RoentGen-v2's published "
+      "recipe; the v1 paper does not publish its learning rate)")
+    a("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+      help="after warm-up (default cosine, RoentGen-v2)")
+    a("--warmup", type=int, default=500, help="linear warm-up steps (default 500, RoentGen-v2)")
+    a("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 1e-2, RoentGen-v2)")
+    a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (default 1.0)")
+    a("--ema-decay", type=float, default=0.9999, help="EMA of the trained weights; final/ holds the EMA weights; "
+      "0 turns it off (default 0.9999, as Stable Diffusion's training)")
+    a("--text-dropout", type=float, default=0.1, help="probability of training on the empty prompt, so that "
+      "classifier-free guidance keeps a matching unconditional model (default 0.1: Stable Diffusion v1 was "
+      "trained with 10%% text dropping, per its model card; the RoentGen paper does not say)")
+    a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="autocast dtype; weights "
+      "stay fp32 (default auto: bf16 on CUDA as in the paper, fp32 on CPU); fp16 uses a gradient scaler")
+    a("--gradient-checkpointing", action="store_true",
+      help="recompute activations in the backward pass: less memory, slower")
+    a("--cache-latents", action="store_true", help="keep each image's VAE posterior in memory after its first "
+      "use, so the VAE encodes every image once (same losses as without; memory: 8 x (R/8)^2 numbers an image, "
+      "64 KB at 512 in bf16)")
+    a("--seed", type=int, default=0,
+      help="seeds data order, noise, timesteps and --init weights: a run repeats exactly")
+    a("--save-every", type=int, default=1000, help="write a checkpoint every N steps (default 1000)")
+    a("--keep", type=int, default=2, help="keep the last N checkpoints, 0 = all (default 2)")
+    a("--sample-every", type=int, default=1000, help="sample the validation prompts every N steps, 0 = only at the end")
+    a("--val-prompts", nargs="*", default=VAL_PROMPTS,
+      help="validation prompts, one image each with seed 0, 1, ...; give none to skip sampling")
+    a("--val-steps", type=int, default=25, help="DDIM steps for the validation samples (default 25)")
+    a("--log-every", type=int, default=10, help="log loss, learning rate, images/s every N steps (default 10)")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto: CUDA if there is one")
+    a("--num-workers", type=int, default=4, help="data loading processes per training process (default 4)")
+    args = p.parse_args(argv)
+    if args.resume is None and (args.weights is None) == (args.init is None):
+        p.error("give exactly one of --weights PATH (e.g. SD v1.4) and --init PRESET (random weights)")
+    for key in ("max_steps", "batch_size", "resolution", "save_every", "log_every", "val_steps"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if not 0 <= args.text_dropout <= 1 or not 0 <= args.ema_decay < 1:
+        p.error("--text-dropout must be in [0, 1] and --ema-decay in [0, 1)")
+    return args
+
+
+def error(message: str):
+    sys.exit(f"train.py: error: {message}")
+
+
+class StopFlag:
+    """Ctrl-C (or SIGTERM, which torchrun and cluster schedulers send) once: finish the step, save a
+    checkpoint, exit. Ctrl-C twice: abort at once."""
+
+    def __init__(self):
+        self.asked = False
+
+    def __call__(self, signum, frame):
+        if self.asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.asked = True
+        tqdm.write("interrupted: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        error("--device cuda, but this torch build sees no CUDA GPU; use --device cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if world > 1:  # started by torchrun: one process per GPU (or several on the CPU)
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        train(args, device, world, rank)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train(args, device, world, rank):
+    out, G = Path(args.out), args.batch_size
+    micro = args.micro_batch_size or G // world
+    if micro < 1 or G % (micro * world):
+        error(f"--batch-size {G} is not a multiple of --micro-batch-size {micro} x {world} processes")
+    accumulation = G // (micro * world)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    amp = AMP[precision]
+    log = print if rank == 0 else (lambda *a: None)
+
+    resume = None
+    if args.resume:
+        resume = T.latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
+        if resume is None or not (resume / "training_state.pt").is_file():
+            error(f"--resume: no checkpoint in {resume or out} (a checkpoint-NNNNNN folder); "
+                  "run without --resume to start")
+    try:
+        source = resume or args.weights
+        if source:
+            sd = StableDiffusion.from_pretrained(source, args.config, device)
+        else:
+            sd = T.random_model(args.init, args.resolution, args.seed, device)
+        dataset = ImageReportDataset(read_pairs(args.data, args.dataset, args.split, args.view_table),
+                                     args.resolution, sd.tokenizer, args.strict)
+    except ValueError as e:  # WeightsError included
+        error(str(e))
+    log(dataset.summary())
+
+    # Train the UNet (and the text encoder); the VAE stays frozen (LDM Sec. 3.3, RoentGen).
+    trained = [sd.unet] + ([sd.text_encoder] if args.train_text_encoder else [])
+    for m in trained:
+        m.train().requires_grad_(True)
+        m.gradient_checkpointing = args.gradient_checkpointing
+    scheduler = Scheduler(sd.scheduler_config)
+    denoiser = T.Denoiser(sd.unet, sd.text_encoder, scheduler, args.train_text_encoder)
+    model = denoiser
+    if world > 1:  # gradients of the UNet and the text encoder are averaged over processes in backward
+        model = DistributedDataParallel(denoiser, device_ids=[device] if device.type == "cuda" else None)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ema = T.EMA(denoiser, args.ema_decay) if args.ema_decay > 0 else None
+    start = 0
+    if resume:
+        state, ema_state = T.load_training_state(resume)
+        if (state["batch_size"], state["seed"]) != (G, args.seed):
+            error(f"--resume: {resume} was trained with --batch-size {state['batch_size']} --seed {state['seed']}; "
+                  "use the same values to continue its data order")
+        try:
+            opt.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(ema_state if ema_state is not None else {})
+        except ValueError as e:
+            error(f"--resume: {resume} does not fit this run ({e}); use the same --train-text-encoder and --ema-decay")
+        scaler.load_state_dict(state["scaler"])
+        start = state["step"]
+        log(f"resuming from {resume} at step {start}")
+    log(f"training {sum(p.numel() for p in params) / 1e6:.1f}M parameters; batch {G} = {micro} x {accumulation} "
+        f"accumulation x {world} processes; {precision} on {device}")
+
+    f = sd.vae.config.downsample_factor
+    latent_shape = (sd.vae.config.latent_channels, args.resolution // f, args.resolution // f)
+    data = T.PositionDataset(dataset, sd.tokenizer, args.seed, latent_shape,
+                             scheduler.config.num_train_timesteps, args.text_dropout)
+    sampler = T.StepSampler(start, micro, accumulation, world, rank)
+    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=args.num_workers,
+                                               pin_memory=device.type == "cuda"))
+    cache = {} if args.cache_latents else None
+    autocast = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+
+    def save(step):
+        if rank == 0:
+            state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                     "batch_size": G, "seed": args.seed, "args": json.dumps(vars(args))}
+            T.save_checkpoint(T.checkpoint_path(out, step), sd, ema, state, args.keep)
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    stop = StopFlag()
+    previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    bar = tqdm(total=args.max_steps, initial=start, disable=rank != 0, desc="training")
+    step, t_log, step_log = start, time.time(), start
+    try:
+        while step < args.max_steps:
+            stopping = torch.tensor(float(stop.asked), device=device)
+            if world > 1:  # every process stops at the same step
+                dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+            if stopping.item():
+                break
+            lr = args.lr * T.lr_factor(step, args.warmup, args.max_steps, args.lr_schedule)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for k in range(accumulation):
+                b = next(batches)
+                with autocast:
+                    latents = T.encode_latents(sd.vae, b["pixel_values"].to(device), b["index"].tolist(),
+                                               b["posterior_eps"], cache)
+                # the gradients are averaged over processes only after the last micro-batch
+                sync = model.no_sync() if world > 1 and k < accumulation - 1 else nullcontext()
+                with sync:
+                    with autocast:
+                        loss = model(latents, b["input_ids"].to(device), b["noise"].to(device),
+                                     b["timestep"].to(device))
+                    scaler.scale(loss / accumulation).backward()
+                loss_sum += loss.detach() / accumulation
+            if world > 1:
+                dist.all_reduce(loss_sum)
+            loss_value = loss_sum.item() / world  # the mean over the global batch
+            if not math.isfinite(loss_value):
+                kept = T.latest_checkpoint(out)
+                error(f"loss is {loss_value} at step {step + 1}; stopped without saving "
+                      f"(last good checkpoint: {kept or 'none'}); try a lower --lr or --precision fp32/bf16")
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(denoiser, step)
+            step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
+                now = time.time()
+                record = {"step": step, "loss": loss_value, "lr": lr,
+                          "images_per_second": G * (step - step_log) / max(now - t_log, 1e-9), "time": now}
+                T.append_log(out / "log.jsonl", record)
+                tqdm.write(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {record['images_per_second']:.1f} img/s")
+                t_log, step_log = now, step
+            if step % args.save_every == 0 and step < args.max_steps:
+                save(step)
+            if rank == 0 and args.sample_every and step % args.sample_every == 0 and step < args.max_steps:
+                validate(sd, denoiser, ema, args, step, autocast)
+    finally:
+        bar.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    if step > start or T.latest_checkpoint(out) != T.checkpoint_path(out, step):
+        save(step)
+    if step < args.max_steps:
+        log(f"stopped at step {step}; continue with the same command and --resume")
+        return
+    if rank == 0:
+        validate(sd, denoiser, ema, args, step, autocast)
+        with ema.applied(denoiser) if ema is not None else nullcontext():
+            sd.save_pretrained(out / "final")
+        log(f"wrote {out / 'final'} (python sample.py --weights {out / 'final'} \"your prompt\")")
+
+
+def validate(sd, denoiser, ema, args, step, autocast):
+    """Sample the validation prompts (seed i for prompt i, DDIM) with the EMA weights into a grid."""
+    if not args.val_prompts:
+        return
+    trained = [m for m in (sd.unet, sd.text_encoder) if m.training]
+    for m in trained:
+        m.eval()
+    with ema.applied(denoiser) if ema is not None else nullcontext(), autocast:
+        images = torch.cat([sd(prompt, seed=i, steps=args.val_steps, scheduler="ddim", height=args.resolution,
+                               width=args.resolution, progress=False) for i, prompt in enumerate(args.val_prompts)])
+    for m in trained:
+        m.train()
+    T.save_grid(images, Path(args.out) / "samples" / f"step-{step:06d}.png", cols=min(4, len(images)))
+
+
+if __name__ == "__main__":
+    main()
