@@ -105,3 +105,20 @@ def test_size_the_model_cannot_take_is_refused(sources, tmp_path, capsys):
 def test_missing_weights_say_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match=r"\S"):
         sample.main(["x", "--weights", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+
+
+def test_without_weights_points_to_where_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(sample, "DEFAULT_WEIGHTS", tmp_path / "default")  # as on a checkout without the default
+    with pytest.raises(SystemExit, match="weights/README.md"):
+        sample.main(["small left pleural effusion", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_runs_close_to_fp32(sources, tmp_path, dtype):
+    """Reduced precision is for GPUs; on the CPU it must still run and stay near the fp32 picture."""
+    _, root = sources
+    ref = run_sample(root / "safetensors", "ddim", tmp_path / "fp32")
+    half = run_sample(root / "safetensors", "ddim", tmp_path / dtype, ("--dtype", dtype))
+    for a, b in zip(ref, half):
+        diff = np.abs(np.asarray(Image.open(a), dtype=float) - np.asarray(Image.open(b), dtype=float))
+        assert diff.mean() < 8, f"{dtype} drifted {diff.mean():.1f} grey levels on average"
