@@ -1,0 +1,119 @@
+"""Prove text control: generate from a fixed prompt set, read the samples with the phantom reader.
+
+For every finding, side, zone and size, each device and a normal study, in a wording the model was
+trained on and in a paraphrase it was not, sample --seeds images and report (minroentgen/evaluate.py):
+the prompted finding present (pass >= 90%), on the prompted side or zone (>= 90%), unprompted
+findings (<= 10%), phantom FID against held-out phantoms and against phantoms of the same findings,
+and the mean pairwise MS-SSIM of one prompt's samples beside the same figure for real phantoms.
+
+  python evaluate.py                                   # the default model in weights/default
+  python evaluate.py --weights runs/tiny/final --seeds 4 --limit 10 --steps 20
+  python evaluate.py --real                            # real phantoms in place of samples: the judge's baseline
+
+Writes OUT/table.md, OUT/grid.png (prompts x samples) and OUT/results.json.
+"""
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from minroentgen import evaluate as E
+from minroentgen import reader as R
+from minroentgen.pipeline import StableDiffusion
+from minroentgen.weights import WeightsError
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--weights", type=Path, default=DEFAULT_WEIGHTS, help="the model to evaluate: a diffusers folder or a "
+      "single file, anything sample.py --weights takes (default weights/default)")
+    a("--real", action="store_true", help="judge real phantoms rendered with each prompt's labels instead of "
+      "samples (no model needed): the baseline that validates the reader as a judge")
+    a("--seeds", type=int, default=16, help="samples per prompt: the images of `sample.py PROMPT --n SEEDS "
+      "--seed SEED`; MS-SSIM over all their pairs (default 16, 120 pairs)")
+    a("--seed", type=int, default=0, help="seed of each prompt's initial noise (default 0)")
+    a("--steps", type=int, help="denoising steps (default: the weights' setting, else 75 as in the paper)")
+    a("--guidance", type=float, help="classifier-free guidance scale (default: the weights' setting, else 4)")
+    a("--scheduler", choices=["pndm", "ddim", "ddpm"], help="sampler (default: the weights' scheduler, else pndm)")
+    a("--size", type=int, help="with --real: the phantoms' side in pixels (default 128); otherwise the "
+      "samples' side (default: the model's size). Everything is judged at the reader's 128x128")
+    a("--limit", type=int, help=f"evaluate only this many prompts, spread evenly over the {len(E.PROMPTS)} ({len(E.PROMPTS) // 2} with --real; quick runs)")
+    a("--heldout", type=int, default=1000, help="held-out phantoms for the FID reference (default 1000)")
+    a("--reader", type=Path, default=R.WEIGHTS, help="phantom reader weights (default weights/phantom_reader.safetensors)")
+    a("--out", type=Path, default=Path("eval"), help="output folder for table.md, grid.png, results.json (default eval/)")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where the model runs (default auto: cuda, mps, cpu)")
+    a("--dtype", default="auto", choices=["auto", *DTYPES], help="model precision (default auto: fp16 on cuda, fp32 elsewhere)")
+    args = p.parse_args(argv)
+    for name in ("seeds", "steps", "size", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < (2 if name == "seeds" else 1):
+            p.error(f"--{name} must be at least {2 if name == 'seeds' else 1}, got {getattr(args, name)}")
+    if args.heldout < 2:
+        p.error(f"--heldout must be at least 2, got {args.heldout}")
+    return args
+
+
+def load_model(args):
+    if not args.weights.exists():
+        hint = "train one (README) or pass --weights, or use --real" if args.weights == DEFAULT_WEIGHTS else "check the path"
+        sys.exit(f"evaluate.py: error: no weights at {args.weights}: {hint}")
+    name = args.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        sys.exit(f"evaluate.py: error: --device {name} is not available here; use --device cpu")
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else torch.float16 if name == "cuda" else torch.float32
+    try:
+        return StableDiffusion.from_pretrained(args.weights, device=name, dtype=dtype)
+    except WeightsError as e:
+        sys.exit(f"evaluate.py: error: {e}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.reader.exists():
+        sys.exit(f"evaluate.py: error: no phantom reader at {args.reader}: run `python -m minroentgen.reader --train`")
+    if args.real:
+        torch.set_num_threads(1)  # only the small reader runs: one thread is faster (see reader.py)
+    sd = None if args.real else load_model(args)
+    prompts = [p for p in E.PROMPTS if p.wording == "trained"] if args.real else E.PROMPTS  # phantoms read no text
+    prompts = E.spread(prompts, args.limit) if args.limit else prompts
+    settings = {"steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler}
+    if sd is not None:
+        d = sd.defaults
+        settings = {"steps": args.steps or d.steps, "guidance": d.guidance if args.guidance is None else args.guidance,
+                    "scheduler": args.scheduler or d.scheduler}
+        if args.size:
+            sd.defaults = replace(d, height=args.size, width=args.size)
+    t0 = time.time()
+    try:
+        report, images = E.run(sd, R.load(args.reader), prompts, seeds=args.seeds, seed=args.seed,
+                               size=args.size or 128, heldout_n=args.heldout, **settings)
+    except ValueError as e:
+        sys.exit(f"evaluate.py: error: {e}")
+    source = "real phantoms (baseline)" if sd is None else str(args.weights)
+    report["settings"] = {"source": source, "seeds": args.seeds, "seed": args.seed, "heldout": args.heldout,
+                          "size": images[0].shape[-1], "seconds": round(time.time() - t0, 1), **settings}
+    args.out.mkdir(parents=True, exist_ok=True)
+    s = report["settings"]
+    head = (f"Text control of {source}: {len(prompts)} prompts x {args.seeds} samples at {s['size']} px"
+            + ("" if sd is None else f", {s['scheduler']} {s['steps']} steps, guidance {s['guidance']}")
+            + f"; FID vs {args.heldout} held-out phantoms and vs {args.seeds} phantoms per label set"
+            + (" (real phantoms ignore the text: one wording)" if sd is None else
+               " (FID of small sets is biased upwards: compare with `evaluate.py --real`)") + ".\n\n")
+    (args.out / "table.md").write_text(head + E.table(report))
+    (args.out / "results.json").write_text(json.dumps(report, indent=1))
+    E.write_grid(args.out / "grid.png", prompts, images)
+    print(head + E.table(report))
+    print(f"wrote {args.out}/table.md, grid.png, results.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Does the text control the picture? Generate from a fixed prompt set, read with the phantom reader.
+
+The paper's question (Chambon et al. 2022, Sec. 4): does a prompt's finding appear, on the side it
+names, and nothing else; are the images realistic (FID) and diverse (MS-SSIM between samples of one
+prompt)? Here the phantom reader (`reader.py`) is the radiologist and its features give the FID.
+
+Every image (a sample, or a phantom of any size) is brought to the reader's 128x128 input (area
+averaging down, bilinear up) and judged, measured and compared there, so samples and phantoms take
+the same path. The real-phantom baseline (`sd=None`) puts phantoms rendered with each prompt's
+labels in place of samples: it validates the judge and gives the FID/MS-SSIM floor at the same N.
+"""
+import json
+import textwrap
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from . import phantom as P
+from . import reader as R
+from .pipeline import image_grid, to_grayscale_uint8
+
+THRESHOLDS = {"present": 0.9, "place": 0.9, "unprompted": 0.1}  # the issue's pass marks
+HELDOUT_SEED, REFERENCE_SEED, REAL_SEED = 31_337, 27_182, 14_142  # phantom streams no one trains on
+
+
+# ----------------------------------------------------------------------------- FID
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)): the Frechet distance of two Gaussians (FID,
+    Heusel et al. 2017). S1 S2 = A B with A = S1^(1/2), B = S1^(1/2) S2, and AB, BA have the same
+    eigenvalues, so those of S1 S2 are those of M = S1^(1/2) S2 S1^(1/2): symmetric PSD, real, >= 0.
+    The principal root (S1 S2)^(1/2) has their square roots as eigenvalues, hence
+    Tr((S1 S2)^(1/2)) = sum_i sqrt(eig_i(M)): two symmetric eigendecompositions, no sqrtm."""
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
+    w, v = torch.linalg.eigh(sigma1)
+    root1 = (v * w.clamp(min=0).sqrt()) @ v.T  # S1^(1/2)
+    m = root1 @ sigma2 @ root1
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()  # tiny negatives are round-off
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
+
+
+def fid(features_a, features_b) -> float:
+    """The Frechet distance between Gaussians fitted to two (N, D) feature sets (unbiased covariance).
+    With the centred features A (n1, D), B (n2, D): S1 S2 = A^T (A B^T B) / c, c = (n1 - 1)(n2 - 1), has
+    the nonzero eigenvalues of (A B^T)(A B^T)^T / c, so Tr((S1 S2)^(1/2)) = (sum of the singular values
+    of A B^T) / sqrt(c): one (n1, n2) SVD, cheaper than two (D, D) eigendecompositions for small sets."""
+    a, b = (torch.as_tensor(f, dtype=torch.float64) for f in (features_a, features_b))
+    (n1, n2), mu1, mu2 = (len(a), len(b)), a.mean(0), b.mean(0)
+    a, b = a - mu1, b - mu2
+    tr_covmean = torch.linalg.svdvals(a @ b.T).sum() / ((n1 - 1) * (n2 - 1)) ** 0.5
+    return float((mu1 - mu2).square().sum() + a.square().sum() / (n1 - 1) + b.square().sum() / (n2 - 1) - 2 * tr_covmean)
+
+
+# ----------------------------------------------------------------------------- MS-SSIM
+
+WANG_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, Sec. 3.1
+WINDOW, SIGMA, K1, K2 = 11, 1.5, 0.01, 0.03
+
+
+def num_scales(side: int) -> int:
+    """The most scales (<= 5) whose coarsest image still holds a whole 11-px window: 5 at 256 px,
+    4 at 128 px, 3 at 64 px. (5 scales of 11-px windows need > 160 px.)"""
+    scales = next((s for s in range(5, 0, -1) if side // 2 ** (s - 1) >= WINDOW), 0)
+    if not scales:
+        raise ValueError(f"MS-SSIM needs images of at least {WINDOW}x{WINDOW} pixels, got side {side}")
+    return scales
+
+
+def _ssim_maps(x, y, data_range: float):
+    """SSIM and its contrast-structure term cs per window (Wang et al. 2004, eqs. 6-13) with an 11x11
+    Gaussian window (sigma 1.5). As torchmetrics (which RoentGen's evaluation used): the image is
+    reflect-padded, SSIM is averaged over every pixel, cs over the windows that lie inside the image."""
+    pad = WINDOW // 2
+    g = torch.exp(-((torch.arange(WINDOW, dtype=x.dtype, device=x.device) - pad) / SIGMA) ** 2 / 2)
+    g = g / g.sum()
+    stack = F.pad(torch.cat([x, y, x * x, y * y, x * y]), (pad,) * 4, mode="reflect")  # (5B, 1, H+10, W+10)
+    stack = F.conv2d(F.conv2d(stack, g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))  # the 2-D Gaussian is separable
+    mx, my, mxx, myy, mxy = stack.chunk(5)  # local means, each (B, 1, H, W)
+    vx, vy, cxy = (mxx - mx * mx).clamp(min=0), (myy - my * my).clamp(min=0), mxy - mx * my
+    c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
+    cs = (2 * cxy + c2) / (vx + vy + c2)
+    ssim = (2 * mx * my + c1) / (mx * mx + my * my + c1) * cs
+    return ssim.flatten(1).mean(1), cs[..., pad:-pad, pad:-pad].flatten(1).mean(1)  # (B,), (B,)
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Multi-scale SSIM (Wang et al. 2003) of grayscale pairs (B, 1, H, W) -> (B,):
+    prod_j cs_j^w_j over the finer scales times SSIM_M^w_M at the coarsest, 2x2 average pooling between
+    scales. Scales: `num_scales(min(H, W))`, Wang's weights for those scales renormalised to sum 1
+    (so identical images still give 1). Negative terms are clamped to 0 (torchmetrics' "relu")."""
+    scales = num_scales(min(x.shape[-2:]))
+    weights = torch.tensor(WANG_WEIGHTS[:scales], dtype=x.dtype, device=x.device)
+    terms = []
+    for j in range(scales):
+        ssim, cs = _ssim_maps(x, y, data_range)
+        terms.append(ssim if j == scales - 1 else cs)
+        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    return (torch.stack(terms).relu() ** (weights / weights.sum())[:, None]).prod(0)  # (B,)
+
+
+def mean_pairwise_ms_ssim(images: torch.Tensor) -> float:
+    """Mean MS-SSIM over all N(N-1)/2 pairs of one prompt's images (B, 1, H, W) in [0, 1]
+    (RoentGen: 4 images, 6 pairs; here 16 samples, all 120 pairs). Lower is more diverse."""
+    i, j = torch.triu_indices(len(images), len(images), offset=1)
+    return float(ms_ssim(images[i].float(), images[j].float()).mean())
+
+
+# ----------------------------------------------------------------------------- prompts
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    labels: dict   # what the image should show, in phantom's label format
+    group: str     # the table's row: a finding, or "normal"
+    wording: str   # "trained" (a phantom report sentence) or "unseen" (our paraphrase)
+
+
+UNSEEN = {  # paraphrases that phantom's report writer never produces (tests check it)
+    "pleural_effusion": "Pleural effusion on the {side}, {size} in volume.",
+    "bilateral_effusion": "Pleural fluid on both sides, {size} in volume.",
+    "pneumothorax": "Pneumothorax on the {side}, {size} in extent.",
+    "cardiomegaly": "Enlargement of the heart.",
+    "consolidation": "Airspace consolidation of the {zone} lung.",
+    "edema": "Signs of pulmonary edema in both lungs.",
+    "endotracheal_tube": "An endotracheal tube is present.",
+    "central_venous_line": "A central venous catheter is seen.",
+    "pacemaker": "A pacemaker is present.",
+    "nodule": "Pulmonary nodule of {size} size in the {zone} lung.",
+    "normal": "Normal chest radiograph.",
+}
+
+
+def _cases():
+    """(template key, labels): every finding, side, zone and size, each device, and a normal study."""
+    for side in ("left", "right", "bilateral"):
+        for size in ("small", "moderate", "large"):
+            key = "bilateral_effusion" if side == "bilateral" else "pleural_effusion"
+            yield key, {"pleural_effusion": {"side": side, "size": size}}
+    yield from (("pneumothorax", {"pneumothorax": {"side": side, "size": size}})
+                for side in ("left", "right") for size in ("small", "large"))
+    yield "cardiomegaly", {"cardiomegaly": {}}
+    yield from (("consolidation", {"consolidation": {"zone": zone}}) for zone in P.ZONES)
+    yield "edema", {"edema": {}}
+    yield from ((d, {"support_devices": {"devices": [d]}}) for d in P.DEVICES)
+    yield from (("nodule", {"nodule": {"zone": zone, "size": size}}) for zone in P.ZONES for size in ("small", "large"))
+    yield "normal", {}
+
+
+def _prompts() -> list:
+    out = []
+    for key, labels in _cases():
+        attrs = next(iter(labels.values()), {})
+        trained = P.NORMAL[0] if key == "normal" else P.fill(P.SAY[key][0], attrs)
+        group = next(iter(labels), "normal")
+        out += [Prompt(trained, labels, group, "trained"), Prompt(P.fill(UNSEEN[key], attrs), labels, group, "unseen")]
+    return out
+
+
+PROMPTS = _prompts()  # 31 label sets x 2 wordings
+
+
+def spread(prompts: list, k: int) -> list:
+    """k prompts spread evenly over the list (for quick runs)."""
+    return [prompts[i] for i in np.linspace(0, len(prompts) - 1, min(k, len(prompts))).round().astype(int)]
+
+
+# ----------------------------------------------------------------------------- images
+
+def _labels_seed(labels: dict) -> int:
+    return zlib.crc32(json.dumps(labels, sort_keys=True).encode())
+
+
+def resize(images: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (N, H, W) -> float (N, 1, size, size) in [0, 1]: area averaging down, bilinear up."""
+    x = torch.from_numpy(np.asarray(images)).float().div(255).unsqueeze(1)
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="area" if x.shape[-1] > size else "bilinear")
+
+
+def _at(img: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 phantom (H, W) at `size` px, as a uint8 image like a sample's."""
+    return img if img.shape[-1] == size else resize(img[None], size)[0, 0].mul(255).round().to(torch.uint8).numpy()
+
+
+def render(labels: dict, size: int, rng) -> np.ndarray:
+    """A phantom with `labels` at `size` px; below phantom's smallest size it is rendered larger and shrunk."""
+    return _at(P.render(labels, max(size, P.MIN_SIZE), rng), size)
+
+
+def heldout(n: int, size: int, progress: bool = False) -> np.ndarray:
+    """n phantoms of a data set no one trains on (natural mix of findings), (n, size, size) uint8."""
+    return np.stack([_at(P.make(HELDOUT_SEED, k, max(size, P.MIN_SIZE)).image, size)
+                     for k in tqdm(range(n), desc="held-out phantoms", disable=not progress)])
+
+
+def phantoms_like(labels: dict, n: int, size: int, stream: int) -> np.ndarray:
+    """n phantoms showing exactly `labels` (different patients), (n, size, size) uint8."""
+    return np.stack([render(labels, size, np.random.default_rng([stream, _labels_seed(labels), i])) for i in range(n)])
+
+
+def generate(sd, prompt: str, n: int, seed: int, **settings) -> np.ndarray:
+    """n samples of one prompt as (n, H, W) uint8: the images of `sample.py PROMPT --n n --seed seed`."""
+    return to_grayscale_uint8(sd(prompt, n=n, seed=seed, progress=False, **settings)).numpy()
+
+
+# ----------------------------------------------------------------------------- judging
+
+def read(reader, x: torch.Tensor):
+    """Reader probabilities per head and (N, 512) features of images (N, 1, 128, 128) in [0, 1]."""
+    prob = R.predict(reader, x[:, 0].mul(255).numpy())
+    with torch.no_grad():
+        return prob, reader.eval().features(x).double()
+
+
+def judge(prob: dict, labels: dict) -> dict:
+    """Counts for one prompt's samples. Read = findings with p > 0.5, plus the devices with p > 0.5 when
+    support devices are read. present: every asked finding (and asked device) read; place/size: the
+    side or zone / size head agrees, counted among the present; unprompted: anything read that was not
+    asked, support devices included (a device no one asked for is a failure of text control too)."""
+    found = prob["present"] > 0.5  # (N, 7)
+    device = (prob["devices"] > 0.5) & found[:, [P.FINDINGS.index("support_devices")]]  # (N, 3)
+    asked_f = torch.tensor([f in labels for f in P.FINDINGS])
+    asked_d = torch.tensor([d in labels.get("support_devices", {}).get("devices", []) for d in P.DEVICES])
+    present = found[:, asked_f].all(1) & device[:, asked_d].all(1)
+    c = {"n": len(found), "present": int(present.sum()) if labels else None,
+         "unprompted": int(((found & ~asked_f).any(1) | (device & ~asked_d).any(1)).sum())}
+    for kind, attrs in (("place", ("side", "zone")), ("size", ("size",))):
+        heads = [h for h, (f, a) in R.OF.items() if f in labels and a in attrs]
+        ok = present.clone()
+        for h in heads:
+            f, a = R.OF[h]
+            ok &= prob[h].argmax(1) == R.HEADS[h].index(labels[f][a])
+        c[kind], c[kind + "_of"] = (int(ok.sum()), c["present"]) if heads else (None, None)
+    return c
+
+
+def run(sd, reader, prompts=PROMPTS, seeds: int = 16, seed: int = 0, steps=None, guidance=None,
+        scheduler=None, size: int = 128, heldout_n: int = 1000, progress: bool = True):
+    """Generate `seeds` samples per prompt at the model's size (or, with sd=None, render `size`-px
+    phantoms of its labels), read and measure them. Returns (report, images): report = {"prompts": rows,
+    "groups": rows} (JSON-able), images = one (seeds, H, W) uint8 array per prompt."""
+    if sd is not None:
+        size = sd.defaults.height
+    norm = R.SIZE  # everything is judged at the reader's input size
+    _, held_feat = read(reader, resize(heldout(heldout_n, size, progress), norm))
+    rows, images, feats, ref_feats, refs = [], [], [], [], {}
+    for p in tqdm(prompts, desc="prompts", disable=not progress):
+        if sd is None:
+            imgs = phantoms_like(p.labels, seeds, size, REAL_SEED)
+        else:
+            imgs = generate(sd, p.text, seeds, seed, steps=steps, guidance=guidance, scheduler=scheduler)
+        key = json.dumps(p.labels, sort_keys=True)
+        if key not in refs:  # real phantoms of the same labels, shared by both wordings
+            x_ref = resize(phantoms_like(p.labels, seeds, size, REFERENCE_SEED), norm)
+            refs[key] = (read(reader, x_ref)[1], mean_pairwise_ms_ssim(x_ref))
+        x = resize(imgs, norm)
+        prob, feat = read(reader, x)
+        rows.append({"text": p.text, "wording": p.wording, "group": p.group, "labels": p.labels,
+                     **judge(prob, p.labels), "ms_ssim": mean_pairwise_ms_ssim(x), "ms_ssim_real": refs[key][1]})
+        images.append(imgs)
+        feats.append(feat)
+        ref_feats.append(refs[key][0])
+    groups = []
+    for wording in dict.fromkeys(p.wording for p in prompts):
+        names = list(dict.fromkeys(p.group for p in prompts if p.wording == wording))
+        for name in names + ["all"]:
+            idx = [i for i, p in enumerate(prompts) if p.wording == wording and name in ("all", p.group)]
+            groups.append(_group(wording, name, [rows[i] for i in idx], torch.cat([feats[i] for i in idx]),
+                                 torch.cat([ref_feats[i] for i in idx]), held_feat))
+    return {"prompts": rows, "groups": groups}, images
+
+
+def _group(wording, name, rows, feat, ref_feat, held_feat) -> dict:
+    def rate(key):
+        den = sum(r[key + "_of" if key in ("place", "size") else "n"] or 0 for r in rows if r[key] is not None)
+        return sum(r[key] for r in rows if r[key] is not None) / den if den else None
+    return {"wording": wording, "group": name, "prompts": len(rows), "samples": sum(r["n"] for r in rows),
+            **{k: rate(k) for k in ("present", "place", "size", "unprompted")},
+            "fid_heldout": fid(feat, held_feat), "fid_same": fid(feat, ref_feat),
+            "ms_ssim": float(np.mean([r["ms_ssim"] for r in rows])),
+            "ms_ssim_real": float(np.mean([r["ms_ssim_real"] for r in rows]))}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def table(report: dict) -> str:
+    """The groups as a markdown table, pass marks on the thresholded columns."""
+    def pct(v, ok=None):
+        return "–" if v is None else f"{100 * v:.0f}%" + ("" if ok is None else " ✓" if ok(v) else " ✗")
+    t = THRESHOLDS
+    lines = ["| wording | finding | prompts | samples | present (≥90%) | side/zone (≥90%) | size | unprompted (≤10%) "
+             "| FID vs held-out | FID vs same findings | MS-SSIM | MS-SSIM real |", "|" + " --- |" * 12]
+    for g in report["groups"]:
+        lines.append(" | ".join([
+            f"| {g['wording']}", "**all**" if g["group"] == "all" else g["group"].replace("_", " "),
+            str(g["prompts"]), str(g["samples"]), pct(g["present"], lambda v: v >= t["present"]),
+            pct(g["place"], lambda v: v >= t["place"]), pct(g["size"]),
+            pct(g["unprompted"], lambda v: v <= t["unprompted"]), f"{g['fid_heldout']:.1f}", f"{g['fid_same']:.1f}",
+            f"{g['ms_ssim']:.3f}", f"{g['ms_ssim_real']:.3f} |"]))
+    return "\n".join(lines) + "\n"
+
+
+def write_grid(path, prompts: list, images: list, cell: int = 128, label_width: int = 260):
+    """A prompt-by-seed picture: one row per prompt (its wording and text on the left), one column per sample."""
+    cols, head = len(images[0]), 16
+    cells = resize(np.concatenate(images), cell)[:, 0].mul(255).round().to(torch.uint8)  # (prompts * cols, cell, cell)
+    sheet = Image.new("L", (label_width + cols * cell, head + len(prompts) * cell), 255)
+    sheet.paste(Image.fromarray(image_grid(cells, cols).numpy()), (label_width, head))
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    for j in range(cols):
+        draw.text((label_width + j * cell + 4, 2), f"sample {j}", fill=0, font=font)
+    for i, p in enumerate(prompts):
+        text = f"[{p.wording}]\n" + "\n".join(textwrap.wrap(p.text, 40))
+        draw.multiline_text((4, head + i * cell + 4), text, fill=0, font=font)
+    sheet.save(path)
