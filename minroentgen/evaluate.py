@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from . import phantom as P
+from . import phantom_reports as PR
 from . import reader as R
 from .pipeline import image_grid, to_grayscale_uint8
 
@@ -155,9 +156,9 @@ def _prompts() -> list:
     out = []
     for key, labels in _cases():
         attrs = next(iter(labels.values()), {})
-        trained = P.NORMAL[0] if key == "normal" else P.fill(P.SAY[key][0], attrs)
+        trained = PR.NORMAL[0] if key == "normal" else PR.fill(PR.SAY[key][0], attrs)
         group = next(iter(labels), "normal")
-        out += [Prompt(trained, labels, group, "trained"), Prompt(P.fill(UNSEEN[key], attrs), labels, group, "unseen")]
+        out += [Prompt(trained, labels, group, "trained"), Prompt(PR.fill(UNSEEN[key], attrs), labels, group, "unseen")]
     return out
 
 

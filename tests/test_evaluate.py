@@ -11,6 +11,7 @@ from PIL import Image
 import evaluate as script
 from minroentgen import evaluate as E
 from minroentgen import phantom as P
+from minroentgen import phantom_reports as PR
 from minroentgen import reader as R
 
 
@@ -123,7 +124,7 @@ def normalise(text):
 
 def test_unseen_wordings_are_never_written_by_phantom():
     rng = np.random.default_rng(0)
-    reports = [P.write_report(P.sample_labels(rng), rng) for _ in range(5000)]
+    reports = [PR.write_report(P.sample_labels(rng), rng) for _ in range(5000)]
     sentences = {normalise(s) for r in reports for s in re.split(r"(?<=\.) ", r)}
     texts = normalise(" ".join(reports))
     unseen = [p for p in E.PROMPTS if p.wording == "unseen"]
@@ -132,8 +133,8 @@ def test_unseen_wordings_are_never_written_by_phantom():
     for p in unseen:
         assert normalise(p.text) not in texts, p.text
     # every template the writer has, filled with every attribute value it can give, is a different sentence
-    every = {normalise(P.fill(t, dict(side=si, size=sz, zone=z)))
-             for ts in [*P.SAY.values(), *P.NEGATE.values(), P.NORMAL] for t in ts
+    every = {normalise(PR.fill(t, dict(side=si, size=sz, zone=z)))
+             for ts in [*PR.SAY.values(), *PR.NEGATE.values(), PR.NORMAL] for t in ts
              for si in ("left", "right", "bilateral") for sz in ("small", "moderate", "large") for z in P.ZONES}
     assert not {normalise(p.text) for p in unseen} & every
     assert sum(normalise(p.text) in sentences for p in trained) >= 25  # the trained ones do occur in reports

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from minroentgen import phantom as P
+from minroentgen import phantom_reports as PR
 
 S = 128  # most pixel checks run at the size the default generative model is expected to use
 
@@ -68,7 +69,7 @@ def test_csv_format(tmp_path):
         labels = json.loads(row["labels"])
         assert set(labels) <= set(P.FINDINGS) and row["report"].endswith(".")
         if labels == {}:
-            assert any(s in row["report"] for s in P.NORMAL)
+            assert any(s in row["report"] for s in PR.NORMAL)
     from PIL import Image
     im = Image.open(tmp_path / rows[0]["image"])
     assert im.mode == "L" and im.size == (64, 64)
@@ -220,7 +221,7 @@ def test_reports_never_contradict_labels():
     seen = set()
     for _ in range(4000):
         labels = P.sample_labels(rng)
-        report = P.write_report(labels, rng)
+        report = PR.write_report(labels, rng)
         seen.add(report)
         sents = sentences(report)
         negated = [s for s in sents if s.startswith("No ") or "normal" in s or "clear" in s]
@@ -229,10 +230,10 @@ def test_reports_never_contradict_labels():
                 if name != "support_devices":
                     assert not re.search(WORDS[name], s, re.I), (labels, report)
         disease = set(labels) - {"support_devices"}
-        if any(s in report for s in P.NORMAL):
+        if any(s in report for s in PR.NORMAL):
             assert not disease, (labels, report)
         if not labels:
-            assert any(s in report for s in P.NORMAL), report
+            assert any(s in report for s in PR.NORMAL), report
         for name, attrs in labels.items():
             keys = attrs["devices"] if name == "support_devices" else [name]
             for key in keys:
@@ -251,8 +252,8 @@ def test_reports_never_contradict_labels():
 def test_report_variety_for_one_label_set():
     labels = {"pleural_effusion": {"side": "left", "size": "small"}}
     rng = np.random.default_rng(0)
-    reports = {P.write_report(labels, rng) for _ in range(200)}
+    reports = {PR.write_report(labels, rng) for _ in range(200)}
     firsts = {r.split(".")[0] for r in reports}
     assert len(firsts) >= 4 and any("costophrenic" in r for r in reports)
-    normals = {P.write_report({}, rng) for _ in range(200)}
-    assert sum(any(n in r for r in normals) for n in P.NORMAL) >= 4
+    normals = {PR.write_report({}, rng) for _ in range(200)}
+    assert sum(any(n in r for r in normals) for n in PR.NORMAL) >= 4
