@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import machine, measure, sd15_configs, write_results  # noqa: E402
+from common import compare, machine, sd15_configs, write_results  # noqa: E402
 
 from minroentgen.pipeline import StableDiffusion  # noqa: E402
 
@@ -70,8 +70,7 @@ def main():
     with torch.inference_mode():
         for name, (mine, theirs) in jobs.items():
             print(f"timing {name} ...", flush=True)
-            tm, mm = measure(mine, device, args.repeats)
-            td, md = measure(theirs, device, args.repeats)
+            (tm, mm), (td, md) = compare(mine, theirs, device, args.repeats)
             rows.append((name, f"{tm:.3f} s", f"{td:.3f} s", f"{tm / td:.2f}",
                          f"{mm / 2**20:.0f} MiB", f"{md / 2**20:.0f} MiB"))
     title = f"Sampling, SD v1.5 size, {machine()}, {args.dtype}, torch {torch.__version__}"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import REFERENCE, machine, measure, sd15_configs, write_results  # noqa: E402
+from common import REFERENCE, compare, machine, sd15_configs, write_results  # noqa: E402
 
 from minroentgen.pipeline import StableDiffusion  # noqa: E402
 from minroentgen.schedulers import DDPMScheduler, SchedulerConfig  # noqa: E402
@@ -103,8 +103,7 @@ def main():
         opt_ref.zero_grad(set_to_none=True)
 
     print(f"timing one training step, {args.size} at {res}x{res}, batch {args.batch} ...", flush=True)
-    tm, mm = measure(step_ours, device, args.repeats)
-    td, md = measure(step_ref, device, args.repeats)
+    (tm, mm), (td, md) = compare(step_ours, step_ref, device, args.repeats)
     rows = [(f"{args.size} UNet step, batch {args.batch} at {res}", f"{args.batch / tm:.2f} img/s",
              f"{args.batch / td:.2f} img/s", f"{td / tm:.2f}", f"{mm / 2**20:.0f} MiB", f"{md / 2**20:.0f} MiB")]
     title = f"Training, {machine()}, {args.precision}, torch {torch.__version__}"

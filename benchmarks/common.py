@@ -56,20 +56,28 @@ class PeakMemory:
             self.extra = self.peak - self.base
 
 
-def measure(fn, device, repeats=3, warmup=1):
-    """Median seconds of `fn()` over `repeats` runs after `warmup`, and the peak extra memory in bytes."""
-    for _ in range(warmup):
+def _timed(fn, device):
+    """Seconds of one `fn()` call and the peak extra memory in bytes."""
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
         fn()
-    times, peaks = [], []
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return seconds, mem.extra
+
+
+def compare(mine, theirs, device, repeats=3, warmup=1):
+    """Median seconds and peak extra memory of two implementations of the same work, timed in
+    alternation (mine, theirs, mine, ...) so that a change in the machine's load hits both alike.
+    Returns ((seconds, bytes) of mine, (seconds, bytes) of theirs)."""
+    for _ in range(warmup):
+        mine(), theirs()
+    runs = {mine: [], theirs: []}
     for _ in range(repeats):
-        with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
-            fn()
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        peaks.append(mem.extra)
-    return statistics.median(times), max(peaks)
+        for fn in (mine, theirs):
+            runs[fn].append(_timed(fn, device))
+    return tuple((statistics.median(t for t, _ in runs[fn]), max(m for _, m in runs[fn])) for fn in (mine, theirs))
 
 
 def machine() -> str:
