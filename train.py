@@ -49,6 +49,8 @@ def parse_args(argv=None):
     a("--config", help="with a single-file --weights: a diffusers folder whose configs describe its architecture "
       "where the tensor shapes cannot (as sample.py --config)")
     a("--init", choices=T.PRESET_NAMES, help="start from random weights of a named config instead (train from scratch)")
+    a("--vae", help="with --init: a VAE trained by train_vae.py (its --out, or any diffusers vae/ folder) "
+      "instead of the preset's random one; it stays frozen")
     a("--out", required=True, help="output folder: checkpoint-NNNNNN/, final/, samples/, log.jsonl")
     a("--resume", nargs="?", const="latest", help="continue from the latest checkpoint in --out, or from the "
       "checkpoint folder given; the weights then come from it (a --weights/--init also given is not used)")
@@ -92,6 +94,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume is None and (args.weights is None) == (args.init is None):
         p.error("give exactly one of --weights PATH (e.g. SD v1.4) and --init PRESET (random weights)")
+    if args.vae and not args.init:
+        p.error("--vae replaces the random VAE of --init PRESET; --weights and --resume bring their own VAE")
     for key in ("max_steps", "batch_size", "resolution", "save_every", "log_every", "val_steps"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
@@ -157,7 +161,8 @@ def train(args, device, world, rank):
         if source:
             sd = StableDiffusion.from_pretrained(source, args.config, device)
         else:
-            sd = T.random_model(args.init, args.resolution, args.seed, device)
+            vae_model = T.load_vae(args.vae, device) if args.vae else None
+            sd = T.random_model(args.init, args.resolution, args.seed, device, vae_model)
         dataset = ImageReportDataset(read_pairs(args.data, args.dataset, args.split, args.view_table),
                                      args.resolution, sd.tokenizer, args.strict)
     except ValueError as e:  # WeightsError included

@@ -71,6 +71,9 @@ PRESETS = {
     "sd15": CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
     # The text encoder of the tiny SD1-style test pipeline: real vocabulary, 32 wide, 2 layers.
     "tiny": CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+    # The embedded default model's text encoder: real vocabulary, 128 wide (the token table is 6.3M of
+    # its 7.1M parameters), 4 layers, CLIP's 64-wide heads and 4x MLP.
+    "small": CLIPTextConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=2),
 }
 
 

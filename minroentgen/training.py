@@ -32,18 +32,23 @@ from . import clip, schedulers, unet, vae
 from .pipeline import SamplingDefaults, StableDiffusion, image_grid, to_grayscale_uint8
 from .tokenizer import CLIPTokenizer
 from .vae import DiagonalGaussian
+from .weights import DIFFUSERS_VERSION, WeightsError, check_state_dict, read_state_dict
 
-PRESET_NAMES = sorted(unet.PRESETS.keys() & vae.PRESETS.keys() & clip.PRESETS.keys())  # "sd15", "tiny"
+PRESET_NAMES = sorted(unet.PRESETS.keys() & vae.PRESETS.keys() & clip.PRESETS.keys())  # "sd15", "small", "tiny"
 
 
-def random_model(preset: str, resolution: int, seed: int, device="cpu") -> StableDiffusion:
-    """A Stable Diffusion with random weights from the modules' PRESETS (to train small models from scratch)."""
-    vae_config = vae.PRESETS[preset]
+def random_model(preset: str, resolution: int, seed: int, device="cpu", vae_model=None) -> StableDiffusion:
+    """A Stable Diffusion with random weights from the modules' PRESETS (to train small models from scratch).
+    `vae_model` (e.g. one trained by train_vae.py, see `load_vae`) replaces the preset's random VAE."""
+    vae_config = vae.PRESETS[preset] if vae_model is None else vae_model.config
     unet_config = replace(unet.PRESETS[preset], sample_size=resolution // vae_config.downsample_factor)
+    if vae_config.latent_channels != unet_config.in_channels:
+        raise ValueError(f"the VAE has {vae_config.latent_channels} latent channels but the {preset!r} UNet takes "
+                         f"{unet_config.in_channels}; train the VAE with latent_channels={unet_config.in_channels}")
     with torch.random.fork_rng(devices=[]):  # nn.Module initialisers draw from the global generator
         torch.manual_seed(seed)
         models = [clip.CLIPTextModel(clip.PRESETS[preset]), unet.UNet2DConditionModel(unet_config),
-                  vae.AutoencoderKL(vae_config)]
+                  vae_model or vae.AutoencoderKL(vae_config)]  # built last: the other draws do not depend on it
     models = [m.to(device).eval().requires_grad_(False) for m in models]
     return StableDiffusion(CLIPTokenizer.default(), *models, schedulers.PRESETS["sd15"],
                            SamplingDefaults(height=resolution, width=resolution))
@@ -202,6 +207,57 @@ def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _move_into_place(tmp: Path, folder: Path):
+    """Rename the complete folder `tmp` to `folder`; an older `folder` is swapped out only then."""
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+
+
+def save_vae(folder: Path, model: vae.AutoencoderKL):
+    """Write a diffusers `vae/` folder (config.json, diffusion_pytorch_model.safetensors), which
+    `load_vae` and `diffusers.AutoencoderKL.from_pretrained` read; built beside `folder` and renamed."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        config = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **model.config.to_dict()}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / VAE_WEIGHTS),
+                  metadata={"format": "pt"})
+        _move_into_place(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_vae(path, device="cpu") -> vae.AutoencoderKL:
+    """A diffusers `vae/` folder, or a folder holding one (a diffusers pipeline, train_vae.py's --out)
+    -> a frozen AutoencoderKL in eval mode."""
+    path = Path(path)
+    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    if not (folder / "config.json").is_file() or not (folder / VAE_WEIGHTS).is_file():
+        raise WeightsError(f"{path}: no vae/config.json and vae/{VAE_WEIGHTS}; give a diffusers vae/ folder, "
+                           "a folder holding one, or train_vae.py's --out")
+    try:
+        config = vae.VAEConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{folder / 'config.json'}: {e}") from None
+    model = vae.AutoencoderKL(config)
+    state_dict = read_state_dict(folder / VAE_WEIGHTS)
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state_dict, folder / VAE_WEIGHTS)
+    model.load_state_dict(state_dict)
+    return model.to(device).eval().requires_grad_(False)
+
+
 def checkpoint_path(out: Path, step: int) -> Path:
     return Path(out) / f"checkpoint-{step:06d}"
 
@@ -212,9 +268,10 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def save_checkpoint(folder: Path, sd: StableDiffusion, ema: EMA | None, state: dict, keep: int = 0):
-    """`folder` = a diffusers folder of the trained weights (so `sample.py --weights folder` works), plus
-    `ema.safetensors` and `training_state.pt` (step, optimizer, scaler). Built under a temporary name and
-    renamed, so a crash never leaves half a checkpoint under the real name. Keeps the last `keep` (0: all)."""
+    """`folder` = what `sd.save_pretrained` writes, a diffusers folder of the trained weights (so
+    `sample.py --weights folder` works), plus `ema.safetensors` and `training_state.pt` (step, optimizer,
+    scaler). Built under a temporary name and renamed, so a crash never leaves half a checkpoint under
+    the real name. Keeps the last `keep` (0: all)."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -223,13 +280,7 @@ def save_checkpoint(folder: Path, sd: StableDiffusion, ema: EMA | None, state: d
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
         torch.save(state, tmp / "training_state.pt")
-        if folder.exists():  # the same step saved again (e.g. after a resume): swap in the new one
-            old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
+        _move_into_place(tmp, folder)  # the same step saved again (e.g. after a resume) is replaced
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -134,6 +134,12 @@ PRESETS = {
     # The tiny UNets of the tests (tiny_test_configs.json), SD1- and SD2-shaped.
     "tiny": _TINY,
     "tiny-sd2": replace(_TINY, attention_head_dim=(2, 4), use_linear_projection=True),
+    # The embedded default model: 32x32 latents (128-pixel images, VAE "small"); cross-attention at
+    # 16x16 and 8x8 only (SD1 has it at all but its lowest level; at 32x32 it would cost most): 4.2M.
+    "small": replace(_SD15, sample_size=32, block_out_channels=(32, 64, 128), layers_per_block=1,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     cross_attention_dim=128, attention_head_dim=4),
 }
 
 

@@ -85,6 +85,12 @@ PRESETS = {
                       layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
                       up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
                       scaling_factor=0.18215, sample_size=16),
+    # The embedded default model's VAE (128-pixel phantoms): three blocks, so latents are H/4 x W/4
+    # (32x32x4 at 128); 2.7M parameters. scaling_factor is a placeholder: train_vae.py measures it.
+    "small": VAEConfig(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 128),
+                       layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 3,
+                       up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32,
+                       scaling_factor=0.18215, sample_size=128),
 }
 
 

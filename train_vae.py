@@ -1,0 +1,211 @@
+"""Train the autoencoder of a latent diffusion model from scratch: LDM's "first stage" (Rombach et al.
+2022, Sec. 3.1 and App. G), on the images of an image-report dataset (the reports are not used).
+
+LDM trained its KL autoencoders on L1 + LPIPS + a patch GAN (Esser et al. 2021, VQGAN) plus a KL term
+of weight 1e-6. This script keeps the two cheap terms, for a posterior sample z = mean + std * eps:
+
+    loss = |x - D(z)|_1 / (3 H W)  +  kl_weight * KL(q(z|x) || N(0, I)) / (3 H W)     (mean over the batch)
+
+L1, as LDM's pixel term: L2 is minimised by the mean of the plausible images and blurs edges more
+(Isola et al. 2017, pix2pix, Sec. 3.1). The perceptual and adversarial terms are left out: LPIPS needs a
+pretrained VGG that cannot be downloaded here, and a GAN is a second network with its own schedule and
+tricks; the price is blurrier fine texture than SD's VAE. LDM sums both terms over an image's pixels;
+dividing both by the 3 H W pixel values keeps LDM's kl_weight and logs a per-pixel L1 (Adam does not see
+a constant factor of the loss). The checkpoints and the final DIR/vae/ carry the latents' scaling factor,
+1 / std of posterior samples of the first images (LDM Sec. 4.3.2 and App. G: SD's 0.18215).
+
+AdamW at 1e-3 after a linear warm-up, cosine to 0. LDM's rate, 4.5e-6 per image of the global batch
+(7.2e-5 at batch 16), was set for long runs with a GAN; from scratch without one it is slow: the L1 of
+the tiny VAE on 16 phantoms after 100 steps is 0.27, 0.15, 0.11, 0.10 at 7.2e-5, 3e-4, 1e-3, 3e-3.
+
+  python -m minroentgen.phantom --n 2000 --size 128 --out phantoms128
+  python train_vae.py --data phantoms128/reports.csv --init small --resolution 128 --out runs/vae
+  python train.py --data phantoms128/reports.csv --init small --vae runs/vae --resolution 128 ... --out runs/ldm
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minroentgen import training as T
+from minroentgen import vae
+from minroentgen.data import ImageReportDataset, read_pairs
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="train_vae.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", required=True, help="a .csv/.jsonl file (image, report columns), a MIMIC-CXR-JPG or Open-I folder")
+    a("--dataset", choices=["csv", "mimic-cxr", "openi"], help="the layout of --data (default: inferred from it)")
+    a("--init", choices=sorted(vae.PRESETS), help="start from random weights of a named VAE config")
+    a("--weights", help="start from a trained VAE instead: a diffusers vae/ folder or a folder holding one")
+    a("--out", required=True, help="output folder: vae/ (the result), checkpoint-NNNNNN/, samples/, log.jsonl")
+    a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    a("--max-steps", type=int, default=20000, help="optimizer steps (default 20000)")
+    a("--batch-size", type=int, default=16, help="images per step (default 16)")
+    a("--resolution", type=int, default=128, help="image side in pixels (default 128)")
+    a("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3, see above)")
+    a("--warmup", type=int, default=200, help="linear warm-up steps, then a cosine decay (default 200)")
+    a("--kl-weight", type=float, default=1e-6, help="weight of the KL term (default 1e-6: LDM's KL-f4/f8 models)")
+    a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (default 1.0)")
+    a("--seed", type=int, default=0, help="seeds data order, posterior noise and --init weights: a run repeats exactly")
+    a("--save-every", type=int, default=1000, help="write a checkpoint every N steps (default 1000)")
+    a("--keep", type=int, default=2, help="keep the last N checkpoints, 0 = all (default 2)")
+    a("--sample-every", type=int, default=500, help="save inputs above reconstructions every N steps (default 500)")
+    a("--log-every", type=int, default=10, help="log the losses every N steps (default 10)")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto: CUDA if there is one")
+    a("--num-workers", type=int, default=4, help="data loading processes (default 4)")
+    args = p.parse_args(argv)
+    if not args.resume and (args.init is None) == (args.weights is None):
+        p.error("give exactly one of --init PRESET (random weights) and --weights VAE_FOLDER")
+    for key in ("max_steps", "batch_size", "resolution", "save_every", "sample_every", "log_every"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    return args
+
+
+def error(message: str):
+    sys.exit(f"train_vae.py: error: {message}")
+
+
+class Images(T.PositionDataset):
+    """Position p -> {"pixel_values" (3, R, R), "eps" (C, h, w)}: the image and the noise of its posterior
+    sample depend only on (seed, p), as in train.py, so a run repeats exactly and resumes at any step."""
+
+    def __getitem__(self, p: int) -> dict:
+        eps = torch.randn(self.latent_shape, generator=T.generator(self.seed, "sample", p))
+        return {"pixel_values": self.dataset[self.index(p)]["pixel_values"], "eps": eps}
+
+
+class VAEFolder:
+    """What `training.save_checkpoint` needs of a model: `save_pretrained(folder)`, here writing folder/vae/."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def save_pretrained(self, folder):
+        T.save_vae(Path(folder) / "vae", self.model)
+
+
+def vae_loss(model, x, eps, kl_weight: float):
+    """The loss above, the per-pixel L1 and the KL (per image) of a batch x (B, 3, H, W), noise eps (B, C, h, w)."""
+    posterior = model.encode(x)
+    reconstruction = model.decode(posterior.mean + posterior.std * eps)  # (B, 3, H, W)
+    l1 = (reconstruction - x).abs().mean()
+    kl = posterior.kl().mean()
+    return l1 + kl_weight * kl / x[0].numel(), l1, kl
+
+
+@torch.no_grad()
+def scaling_factor(model, dataset, batch_size: int, device, batches: int = 4) -> float:
+    """1 / std of posterior samples z ~ q(z|x) over the first `batches` batches of images (LDM App. G)."""
+    n, g = min(len(dataset), batches * batch_size), torch.Generator().manual_seed(0)
+    z = [model.encode(torch.stack([dataset[j]["pixel_values"] for j in range(i, min(i + batch_size, n))]).to(device))
+         .sample(g) for i in range(0, n, batch_size)]
+    return 1.0 / torch.cat([t.flatten() for t in z]).std().item()
+
+
+@torch.no_grad()
+def reconstruct(model, x, path: Path) -> dict:
+    """Save inputs (top row) above their reconstructions through the posterior mean; their L1 and PSNR."""
+    reconstruction = model.decode(model.encode(x).mode()).clamp(-1, 1)
+    T.save_grid(torch.cat([x, reconstruction]).cpu(), path, cols=len(x))
+    mse = ((reconstruction - x) / 2).pow(2).mean().item()  # on the [0, 1] scale
+    return {"val_l1": (reconstruction - x).abs().mean().item(), "val_psnr": 10 * math.log10(1 / max(mse, 1e-12))}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        error("--device cuda, but this torch build sees no CUDA GPU; use --device cpu")
+    device, out = torch.device("cuda" if cuda else "cpu"), Path(args.out)
+    resume = T.latest_checkpoint(out) if args.resume else None
+    if args.resume and (resume is None or not (resume / "training_state.pt").is_file()):
+        error(f"--resume: no checkpoint in {out} (a checkpoint-NNNNNN folder); run without --resume to start")
+    try:
+        if resume or args.weights:
+            model = T.load_vae(resume or args.weights, device)
+        else:
+            with torch.random.fork_rng(devices=[]):  # nn.Module initialisers draw from the global generator
+                torch.manual_seed(args.seed)
+                model = vae.AutoencoderKL(replace(vae.PRESETS[args.init], sample_size=args.resolution)).to(device)
+        f = model.config.downsample_factor
+        if args.resolution % f:
+            raise ValueError(f"--resolution {args.resolution} is not a multiple of {f}, the VAE's downsampling")
+        dataset = ImageReportDataset(read_pairs(args.data, args.dataset), args.resolution)
+    except ValueError as e:  # WeightsError included
+        error(str(e))
+    print(dataset.summary())
+    model.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    start = 0
+    if resume:
+        state, _ = T.load_training_state(resume)
+        if (state["batch_size"], state["seed"]) != (args.batch_size, args.seed):
+            error(f"--resume: {resume} was trained with --batch-size {state['batch_size']} --seed {state['seed']}; "
+                  "use the same values to continue its data order")
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        print(f"resuming from {resume} at step {start}")
+    print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter VAE (latents "
+          f"{model.config.latent_channels}x{args.resolution // f}x{args.resolution // f}) on {device}")
+
+    latent_shape = (model.config.latent_channels, args.resolution // f, args.resolution // f)
+    data = Images(dataset, None, args.seed, latent_shape, 0, 0.0)
+    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=T.StepSampler(start, args.batch_size, 1, 1, 0),
+                                               num_workers=args.num_workers, pin_memory=cuda))
+    shown = torch.stack([dataset[i]["pixel_values"] for i in range(min(8, len(dataset)))]).to(device)
+
+    def save(step):  # the checkpoint's vae/config.json carries the scaling factor of its latents
+        model.config = replace(model.config, scaling_factor=scaling_factor(model, dataset, args.batch_size, device))
+        state = {"step": step, "optimizer": opt.state_dict(), "batch_size": args.batch_size, "seed": args.seed,
+                 "args": json.dumps(vars(args))}
+        T.save_checkpoint(T.checkpoint_path(out, step), VAEFolder(model), None, state, args.keep)
+
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=args.max_steps, initial=start, desc="training the VAE")
+    step, t_log, step_log = start, time.time(), start
+    while step < args.max_steps:
+        lr = args.lr * T.lr_factor(step, args.warmup, args.max_steps, "cosine")
+        for group in opt.param_groups:
+            group["lr"] = lr
+        b = next(batches)
+        loss, l1, kl = vae_loss(model, b["pixel_values"].to(device), b["eps"].to(device), args.kl_weight)
+        if not math.isfinite(loss.item()):
+            error(f"loss is {loss.item()} at step {step + 1}; stopped without saving "
+                  f"(last good checkpoint: {T.latest_checkpoint(out) or 'none'}); try a lower --lr")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update()
+        bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.0f}", lr=f"{lr:.2e}")
+        record = {}
+        if step % args.sample_every == 0 or step == args.max_steps:
+            record = reconstruct(model, shown, out / "samples" / f"step-{step:06d}.png")
+        if step % args.log_every == 0 or step == args.max_steps or record:
+            now = time.time()
+            record = {"step": step, "loss": loss.item(), "l1": l1.item(), "kl": kl.item(), "lr": lr,
+                      "images_per_second": args.batch_size * (step - step_log) / max(now - t_log, 1e-9),
+                      "time": now, **record}
+            T.append_log(out / "log.jsonl", record)
+            t_log, step_log = now, step
+        if step % args.save_every == 0 or step == args.max_steps:
+            save(step)
+    bar.close()
+    T.save_vae(out / "vae", model)  # the last checkpoint's weights and scaling factor
+    print(f"wrote {out / 'vae'}; scaling_factor = {model.config.scaling_factor:.5f} (1 / std of the latents, "
+          f"in its config.json); next: python train.py --init PRESET --vae {out} ...")
+
+
+if __name__ == "__main__":
+    main()
