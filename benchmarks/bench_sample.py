@@ -75,10 +75,7 @@ def main():
                          f"{mm / 2**20:.0f} MiB", f"{md / 2**20:.0f} MiB"))
     title = f"Sampling, SD v1.5 size, {machine()}, {args.dtype}, torch {torch.__version__}"
     header = ("what", "minroentgen", "diffusers", "ratio", "peak extra mem (ours)", "peak extra mem (diffusers)")
-    if args.no_write:
-        print(title, *rows, sep="\n")
-    else:
-        write_results(title, rows, header)
+    write_results(title, rows, header, save=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -108,10 +108,7 @@ def main():
              f"{args.batch / td:.2f} img/s", f"{td / tm:.2f}", f"{mm / 2**20:.0f} MiB", f"{md / 2**20:.0f} MiB")]
     title = f"Training, {machine()}, {args.precision}, torch {torch.__version__}"
     header = ("what", "minroentgen", "diffusers", "speed ratio", "peak extra mem (ours)", "peak extra mem (diffusers)")
-    if args.no_write:
-        print(title, *rows, sep="\n")
-    else:
-        write_results(title, rows, header)
+    write_results(title, rows, header, save=not args.no_write)
 
 
 if __name__ == "__main__":

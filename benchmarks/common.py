@@ -86,12 +86,14 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def write_results(title: str, rows: list[tuple], header: tuple):
-    """Append a section to RESULTS.md (newest last) and print it."""
+def write_results(title: str, rows: list[tuple], header: tuple, save=True):
+    """Print a markdown table and, if `save`, append it to RESULTS.md (newest last)."""
     lines = [f"\n## {title}\n", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     text = "\n".join(lines) + "\n"
     print(text)
+    if not save:
+        return
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nWritten by the scripts in this folder; newest sections last.\n")
     with RESULTS.open("a") as f:

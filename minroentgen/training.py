@@ -32,7 +32,7 @@ from . import clip, schedulers, unet, vae
 from .pipeline import SamplingDefaults, StableDiffusion, image_grid, to_grayscale_uint8
 from .tokenizer import CLIPTokenizer
 from .vae import DiagonalGaussian
-from .weights import DIFFUSERS_VERSION, WeightsError, check_state_dict, read_state_dict
+from .weights import DIFFUSERS_VERSION, WeightsError, check_state_dict, move_into_place, read_state_dict
 
 PRESET_NAMES = sorted(unet.PRESETS.keys() & vae.PRESETS.keys() & clip.PRESETS.keys())  # "sd15", "small", "tiny"
 
@@ -210,17 +210,6 @@ def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def _move_into_place(tmp: Path, folder: Path):
-    """Rename the complete folder `tmp` to `folder`; an older `folder` is swapped out only then."""
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
-
-
 def save_vae(folder: Path, model: vae.AutoencoderKL):
     """Write a diffusers `vae/` folder (config.json, diffusion_pytorch_model.safetensors), which
     `load_vae` and `diffusers.AutoencoderKL.from_pretrained` read; built beside `folder` and renamed."""
@@ -233,7 +222,7 @@ def save_vae(folder: Path, model: vae.AutoencoderKL):
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / VAE_WEIGHTS),
                   metadata={"format": "pt"})
-        _move_into_place(tmp, folder)
+        move_into_place(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -280,7 +269,7 @@ def save_checkpoint(folder: Path, sd: StableDiffusion, ema: EMA | None, state: d
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
         torch.save(state, tmp / "training_state.pt")
-        _move_into_place(tmp, folder)  # the same step saved again (e.g. after a resume) is replaced
+        move_into_place(tmp, folder)  # the same step saved again (e.g. after a resume) is replaced
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -475,6 +475,17 @@ def _write_json(obj: dict, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def move_into_place(tmp: Path, folder: Path):
+    """Rename the complete folder `tmp` to `folder`; an older `folder` is swapped out only then."""
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+
+
 def save_pretrained(folder, configs: dict, state_dicts: dict, tokenizer, scheduler_config: dict,
                     sampling: dict | None = None) -> Path:
     """Write a diffusers folder that `StableDiffusionPipeline.from_pretrained(folder)` loads.
@@ -509,13 +520,7 @@ def save_pretrained(folder, configs: dict, state_dicts: dict, tokenizer, schedul
                      "scheduler": ["diffusers", scheduler_config["_class_name"]],
                      "safety_checker": [None, None], "feature_extractor": [None, None],
                      "requires_safety_checker": False}, tmp / "model_index.json")
-        if folder.exists():  # swap only once the new folder is complete
-            old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
+        move_into_place(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

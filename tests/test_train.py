@@ -20,13 +20,7 @@ BASE = ["--resolution", "32", "--batch-size", "4", "--lr", "1e-3", "--warmup", "
         "--num-workers", "0", "--log-every", "1", "--sample-every", "0", "--val-prompts"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # Adam divides each gradient by its running RMS, so it hides a wrongly scaled gradient, and it blows the

@@ -16,13 +16,7 @@ BASE = ["--init", "tiny", "--resolution", "32", "--batch-size", "4", "--warmup",
         "--log-every", "1", "--sample-every", "1000", "--save-every", "1000"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
