@@ -122,3 +122,12 @@ def test_half_precision_runs_close_to_fp32(sources, tmp_path, dtype):
     for a, b in zip(ref, half):
         diff = np.abs(np.asarray(Image.open(a), dtype=float) - np.asarray(Image.open(b), dtype=float))
         assert diff.mean() < 8, f"{dtype} drifted {diff.mean():.1f} grey levels on average"
+
+
+def test_embedded_default_samples_without_flags(tmp_path):
+    """The README's first command: no --weights, the model in weights/default (a few steps here)."""
+    if not sample.DEFAULT_WEIGHTS.exists():
+        pytest.skip("no embedded default model in this checkout")
+    sample.main(["small left pleural effusion", "--steps", "3", "--out", str(tmp_path)])
+    image = Image.open(tmp_path / "small-left-pleural-effusion-0-0.png")
+    assert image.mode == "L" and image.size == (128, 128) and np.asarray(image).std() > 5
