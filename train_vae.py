@@ -21,6 +21,10 @@ the tiny VAE on 16 phantoms after 100 steps is 0.27, 0.15, 0.11, 0.10 at 7.2e-5,
   python -m minroentgen.phantom --n 2000 --size 128 --out phantoms128
   python train_vae.py --data phantoms128/reports.csv --init small --resolution 128 --out runs/vae
   python train.py --data phantoms128/reports.csv --init small --vae runs/vae --resolution 128 ... --out runs/ldm
+
+--decoder-only fine-tunes the decoder of a trained VAE and keeps its encoder, hence the latent space and
+its scaling factor, fixed: a diffusion model trained on its latents stays valid and may train meanwhile
+(as Stability AI's sd-vae-ft-ema/ft-mse decoders were made for Stable Diffusion v1).
 """
 import argparse
 import json
@@ -53,6 +57,8 @@ def parse_args(argv=None):
     a("--resolution", type=int, default=128, help="image side in pixels (default 128)")
     a("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3, see above)")
     a("--warmup", type=int, default=200, help="linear warm-up steps, then a cosine decay (default 200)")
+    a("--decoder-only", action="store_true", help="with --weights: train only the decoder (and post_quant_conv); "
+      "the encoder, the latents and their scaling factor stay as they are (see above)")
     a("--kl-weight", type=float, default=1e-6, help="weight of the KL term (default 1e-6: LDM's KL-f4/f8 models)")
     a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (default 1.0)")
     a("--seed", type=int, default=0, help="seeds data order, posterior noise and --init weights: a run repeats exactly")
@@ -65,6 +71,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.resume and (args.init is None) == (args.weights is None):
         p.error("give exactly one of --init PRESET (random weights) and --weights VAE_FOLDER")
+    if args.decoder_only and args.init:
+        p.error("--decoder-only keeps a trained encoder: give --weights VAE_FOLDER instead of --init")
     for key in ("max_steps", "batch_size", "resolution", "save_every", "sample_every", "log_every"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
@@ -94,9 +102,10 @@ class VAEFolder:
         T.save_vae(Path(folder) / "vae", self.model)
 
 
-def vae_loss(model, x, eps, kl_weight: float):
+def vae_loss(model, x, eps, kl_weight: float, train_encoder: bool = True):
     """The loss above, the per-pixel L1 and the KL (per image) of a batch x (B, 3, H, W), noise eps (B, C, h, w)."""
-    posterior = model.encode(x)
+    with torch.set_grad_enabled(train_encoder):  # a frozen encoder: its KL is a constant
+        posterior = model.encode(x)
     reconstruction = model.decode(posterior.mean + posterior.std * eps)  # (B, 3, H, W)
     l1 = (reconstruction - x).abs().mean()
     kl = posterior.kl().mean()
@@ -144,19 +153,26 @@ def main(argv=None):
     except ValueError as e:  # WeightsError included
         error(str(e))
     print(dataset.summary())
-    model.train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    model.train().requires_grad_(not args.decoder_only)
+    for part in (model.decoder, model.post_quant_conv):
+        part.requires_grad_(True)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.lr)
     start = 0
     if resume:
         state, _ = T.load_training_state(resume)
         if (state["batch_size"], state["seed"]) != (args.batch_size, args.seed):
             error(f"--resume: {resume} was trained with --batch-size {state['batch_size']} --seed {state['seed']}; "
                   "use the same values to continue its data order")
+        if state.get("decoder_only", False) != args.decoder_only:
+            error(f"--resume: {resume} was trained {'with' if state.get('decoder_only') else 'without'} "
+                  "--decoder-only; give the same to continue it")
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
         print(f"resuming from {resume} at step {start}")
-    print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter VAE (latents "
-          f"{model.config.latent_channels}x{args.resolution // f}x{args.resolution // f}) on {device}")
+    size, part = args.resolution // f, "its decoder" if args.decoder_only else "all"
+    print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter VAE ({part}: "
+          f"{sum(p.numel() for p in trained) / 1e6:.2f}M; latents {model.config.latent_channels}x{size}x{size}) on {device}")
 
     latent_shape = (model.config.latent_channels, args.resolution // f, args.resolution // f)
     data = Images(dataset, None, args.seed, latent_shape, 0, 0.0)
@@ -165,9 +181,10 @@ def main(argv=None):
     shown = torch.stack([dataset[i]["pixel_values"] for i in range(min(8, len(dataset)))]).to(device)
 
     def save(step):  # the checkpoint's vae/config.json carries the scaling factor of its latents
-        model.config = replace(model.config, scaling_factor=scaling_factor(model, dataset, args.batch_size, device))
+        if not args.decoder_only:
+            model.config = replace(model.config, scaling_factor=scaling_factor(model, dataset, args.batch_size, device))
         state = {"step": step, "optimizer": opt.state_dict(), "batch_size": args.batch_size, "seed": args.seed,
-                 "args": json.dumps(vars(args))}
+                 "decoder_only": args.decoder_only, "args": json.dumps(vars(args))}
         T.save_checkpoint(T.checkpoint_path(out, step), VAEFolder(model), None, state, args.keep)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -178,12 +195,13 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr
         b = next(batches)
-        loss, l1, kl = vae_loss(model, b["pixel_values"].to(device), b["eps"].to(device), args.kl_weight)
+        loss, l1, kl = vae_loss(model, b["pixel_values"].to(device), b["eps"].to(device), args.kl_weight,
+                                not args.decoder_only)
         if not math.isfinite(loss.item()):
             error(f"loss is {loss.item()} at step {step + 1}; stopped without saving "
                   f"(last good checkpoint: {T.latest_checkpoint(out) or 'none'}); try a lower --lr")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1

@@ -114,6 +114,20 @@ def test_starts_from_given_weights(trained, data, tmp_path):
     assert tuned[1] < 0.8 * scratch[1]
 
 
+def test_decoder_only_keeps_the_encoder_and_so_the_latents(trained, data, tmp_path):
+    run(data, tmp_path, "--max-steps", "4", "--decoder-only", start=["--weights", trained, *BASE[2:]])
+    before, after = weights(trained), weights(tmp_path)
+    for key in before:  # the encoder side bit for bit, every decoder tensor moved
+        same = torch.equal(before[key], after[key])
+        assert same == key.startswith(("encoder.", "quant_conv.")), key
+    config = lambda folder: json.loads((folder / "vae" / "config.json").read_text())
+    assert config(tmp_path)["scaling_factor"] == config(trained)["scaling_factor"]
+    state, _ = training.load_training_state(training.latest_checkpoint(tmp_path))
+    assert state["decoder_only"] is True
+    with pytest.raises(SystemExit, match="was trained with --decoder-only"):  # a resume keeps the mode it was run with
+        run(data, tmp_path, "--max-steps", "6", "--resume", start=["--weights", trained, *BASE[2:]])
+
+
 def test_train_py_takes_the_trained_vae(trained, data, tmp_path):
     train.main(["--data", str(data), "--out", str(tmp_path), "--init", "tiny", "--vae", str(trained),
                 "--resolution", "32", "--batch-size", "4", "--max-steps", "2", "--num-workers", "0",
@@ -129,6 +143,7 @@ def test_train_py_takes_the_trained_vae(trained, data, tmp_path):
     (train_vae, ["--data", "DATA", "--init", "tiny", "--weights", "w"], "exactly one of --init"),
     (train_vae, ["--data", "DATA", "--weights", "missing-vae"], "missing-vae: no vae/config.json"),
     (train_vae, ["--data", "DATA", "--init", "tiny", "--resume"], "--resume: no checkpoint"),
+    (train_vae, ["--data", "DATA", "--init", "tiny", "--decoder-only"], "--decoder-only keeps a trained encoder"),
     (train_vae, ["--data", "DATA", "--init", "tiny", "--resolution", "36"], "multiple of 8"),
     (train_vae, ["--data", "DATA", "--init", "tiny", "--max-steps", "0"], "--max-steps must be at least 1"),
     (train, ["--data", "DATA", "--weights", "w", "--vae", "v"], "--vae replaces the random VAE of --init"),
