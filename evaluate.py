@@ -9,6 +9,7 @@ and the mean pairwise MS-SSIM of one prompt's samples beside the same figure for
   python evaluate.py                                   # the default model in weights/default
   python evaluate.py --weights runs/tiny/final --seeds 4 --limit 10 --steps 20
   python evaluate.py --real                            # real phantoms in place of samples: the judge's baseline
+  python evaluate.py --reconstruct                     # real phantoms through the model's VAE: its ceiling
 
 Writes OUT/table.md, OUT/grid.png (prompts x samples) and OUT/results.json.
 """
@@ -37,6 +38,8 @@ def parse_args(argv=None):
       "single file, anything sample.py --weights takes (default weights/default)")
     a("--real", action="store_true", help="judge real phantoms rendered with each prompt's labels instead of "
       "samples (no model needed): the baseline that validates the reader as a judge")
+    a("--reconstruct", action="store_true", help="judge real phantoms encoded and decoded by the model's VAE "
+      "instead of samples: what the autoencoder keeps of each finding, a ceiling on the samples' scores")
     a("--seeds", type=int, default=16, help="samples per prompt: the images of `sample.py PROMPT --n SEEDS "
       "--seed SEED`; MS-SSIM over all their pairs (default 16, 120 pairs)")
     a("--seed", type=int, default=0, help="seed of each prompt's initial noise (default 0)")
@@ -52,6 +55,8 @@ def parse_args(argv=None):
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where the model runs (default auto: cuda, mps, cpu)")
     a("--dtype", default="auto", choices=["auto", *DTYPES], help="model precision (default auto: fp16 on cuda, fp32 elsewhere)")
     args = p.parse_args(argv)
+    if args.real and args.reconstruct:
+        p.error("--real and --reconstruct exclude each other: --real needs no model, --reconstruct uses its VAE")
     for name in ("seeds", "steps", "size", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < (2 if name == "seeds" else 1):
             p.error(f"--{name} must be at least {2 if name == 'seeds' else 1}, got {getattr(args, name)}")
@@ -83,7 +88,8 @@ def main(argv=None):
     if args.real:
         torch.set_num_threads(1)  # only the small reader runs: one thread is faster (see reader.py)
     sd = None if args.real else load_model(args)
-    prompts = [p for p in E.PROMPTS if p.wording == "trained"] if args.real else E.PROMPTS  # phantoms read no text
+    phantoms = args.real or args.reconstruct  # phantoms read no text: one wording
+    prompts = [p for p in E.PROMPTS if p.wording == "trained"] if phantoms else E.PROMPTS
     prompts = E.spread(prompts, args.limit) if args.limit else prompts
     settings = {"steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler}
     if sd is not None:
@@ -95,18 +101,19 @@ def main(argv=None):
     t0 = time.time()
     try:
         report, images = E.run(sd, R.load(args.reader), prompts, seeds=args.seeds, seed=args.seed,
-                               size=args.size or 128, heldout_n=args.heldout, **settings)
+                               size=args.size or 128, heldout_n=args.heldout, reconstruct=args.reconstruct, **settings)
     except ValueError as e:
         sys.exit(f"evaluate.py: error: {e}")
-    source = "real phantoms (baseline)" if sd is None else str(args.weights)
+    source = ("real phantoms (baseline)" if sd is None else
+              f"real phantoms through the VAE of {args.weights}" if args.reconstruct else str(args.weights))
     report["settings"] = {"source": source, "seeds": args.seeds, "seed": args.seed, "heldout": args.heldout,
                           "size": images[0].shape[-1], "seconds": round(time.time() - t0, 1), **settings}
     args.out.mkdir(parents=True, exist_ok=True)
     s = report["settings"]
     head = (f"Text control of {source}: {len(prompts)} prompts x {args.seeds} samples at {s['size']} px"
-            + ("" if sd is None else f", {s['scheduler']} {s['steps']} steps, guidance {s['guidance']}")
+            + ("" if phantoms else f", {s['scheduler']} {s['steps']} steps, guidance {s['guidance']}")
             + f"; FID vs {args.heldout} held-out phantoms and vs {args.seeds} phantoms per label set"
-            + (" (real phantoms ignore the text: one wording)" if sd is None else
+            + (" (real phantoms ignore the text: one wording)" if phantoms else
                " (FID of small sets is biased upwards: compare with `evaluate.py --real`)") + ".\n\n")
     (args.out / "table.md").write_text(head + E.table(report))
     (args.out / "results.json").write_text(json.dumps(report, indent=1))

@@ -205,6 +205,16 @@ def phantoms_like(labels: dict, n: int, size: int, stream: int) -> np.ndarray:
     return np.stack([render(labels, size, np.random.default_rng([stream, _labels_seed(labels), i])) for i in range(n)])
 
 
+@torch.no_grad()
+def through_vae(vae, images: np.ndarray) -> np.ndarray:
+    """Phantoms (N, H, W) uint8 -> encoded and decoded by `vae` (posterior mean), (N, H, W) uint8: what the
+    autoencoder alone keeps of each finding, a ceiling on what any sample of the model can show."""
+    w = next(vae.parameters())
+    x = torch.from_numpy(np.asarray(images)).to(w.device, w.dtype).div(127.5).sub(1)  # (N, H, W) in [-1, 1]
+    x = x[:, None].expand(-1, 3, -1, -1)  # (N, 3, H, W)
+    return to_grayscale_uint8(vae.decode(vae.encode(x).mode()).float().cpu()).numpy()
+
+
 def generate(sd, prompt: str, n: int, seed: int, **settings) -> np.ndarray:
     """n samples of one prompt as (n, H, W) uint8: the images of `sample.py PROMPT --n n --seed seed`."""
     return to_grayscale_uint8(sd(prompt, n=n, seed=seed, progress=False, **settings)).numpy()
@@ -242,9 +252,9 @@ def judge(prob: dict, labels: dict) -> dict:
 
 
 def run(sd, reader, prompts=PROMPTS, seeds: int = 16, seed: int = 0, steps=None, guidance=None,
-        scheduler=None, size: int = 128, heldout_n: int = 1000, progress: bool = True):
+        scheduler=None, size: int = 128, heldout_n: int = 1000, progress: bool = True, reconstruct: bool = False):
     """Generate `seeds` samples per prompt at the model's size (or, with sd=None, render `size`-px
-    phantoms of its labels), read and measure them. Returns (report, images): report = {"prompts": rows,
+    phantoms of its labels; with reconstruct=True, those phantoms through the model's VAE), read and measure them. Returns (report, images): report = {"prompts": rows,
     "groups": rows} (JSON-able), images = one (seeds, H, W) uint8 array per prompt."""
     if sd is not None:
         size = sd.defaults.height
@@ -252,8 +262,9 @@ def run(sd, reader, prompts=PROMPTS, seeds: int = 16, seed: int = 0, steps=None,
     _, held_feat = read(reader, resize(heldout(heldout_n, size, progress), norm))
     rows, images, feats, ref_feats, refs = [], [], [], [], {}
     for p in tqdm(prompts, desc="prompts", disable=not progress):
-        if sd is None:
+        if sd is None or reconstruct:
             imgs = phantoms_like(p.labels, seeds, size, REAL_SEED)
+            imgs = through_vae(sd.vae, imgs) if reconstruct else imgs
         else:
             imgs = generate(sd, p.text, seeds, seed, steps=steps, guidance=guidance, scheduler=scheduler)
         key = json.dumps(p.labels, sort_keys=True)

@@ -237,6 +237,25 @@ def test_script_end_to_end_on_a_tiny_model(reader, tmp_path, capsys):
     assert np.asarray(grid)[16:, 260:].std() > 0  # samples were drawn
 
 
+def test_reconstruct_judges_phantoms_through_the_models_vae(reader, tmp_path, capsys):
+    from minroentgen.training import random_model
+    sd = random_model("tiny", 32, seed=0)
+    sd.save_pretrained(tmp_path / "tiny")
+    run_script(["--weights", str(tmp_path / "tiny"), "--reconstruct", "--limit", "2", "--seeds", "2",
+                "--heldout", "8", "--out", str(tmp_path / "eval")], capsys)
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [r["wording"] for r in res["prompts"]] == ["trained"] * 2 and "through the VAE" in res["settings"]["source"]
+    real = E.phantoms_like(res["prompts"][0]["labels"], 2, 32, E.REAL_SEED)
+    with torch.no_grad():  # by hand: [-1, 1], 3 channels, posterior mean, decode, diffusers' uint8 conversion
+        x = torch.from_numpy(real).float().div(127.5).sub(1)[:, None].repeat(1, 3, 1, 1)
+        by_hand = ((sd.vae.decode(sd.vae.encode(x).mode()) / 2 + 0.5).clamp(0, 1) * 255).round().mean(1).round()
+    assert np.array_equal(E.through_vae(sd.vae, real), by_hand.to(torch.uint8).numpy())
+    assert not np.array_equal(E.through_vae(sd.vae, real), real)  # a random VAE changes the picture
+    with pytest.raises(SystemExit):
+        run_script(["--real", "--reconstruct"], capsys)
+    assert "exclude each other" in capsys.readouterr().err
+
+
 def test_script_errors(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no weights at .*nowhere"):
         run_script(["--weights", str(tmp_path / "nowhere")], capsys)
