@@ -108,6 +108,11 @@ class Scheduler:
         abar = self._abar(t, x0)
         return abar**0.5 * noise - (1 - abar) ** 0.5 * x0
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio of x_t, abar_t / (1 - abar_t) (Kingma et al. 2021, eq. 1), (B,) for t (B,)."""
+        abar = self.alphas_cumprod.to(t.device)[t]
+        return abar / (1 - abar)
+
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network learns to output: eps (DDPM eq. 14) or v, per `prediction_type`."""
         return noise if self.config.prediction_type == "epsilon" else self.get_velocity(x0, noise, t)

@@ -133,12 +133,17 @@ def encode_latents(vae_model, pixels, indices, posterior_eps, cache: dict | None
 # ----------------------------------------------------------------------------- the model being trained
 
 class Denoiser(nn.Module):
-    """UNet + text encoder -> the denoising loss; the module DDP wraps, so gradients of both sync."""
+    """UNet + text encoder -> the denoising loss; the module DDP wraps, so gradients of both sync.
 
-    def __init__(self, unet_model, text_encoder, scheduler, train_text_encoder: bool):
+    snr_gamma weighs each example's loss by min(SNR_t, gamma) / SNR_t (v-prediction: / (SNR_t + 1)), Min-SNR
+    weighting (Hang et al. 2023, Sec. 3.4; diffusers' train_text_to_image --snr_gamma): the nearly clean
+    timesteps, whose noise is hardest to tell from image texture and dominates the plain loss, count less."""
+
+    def __init__(self, unet_model, text_encoder, scheduler, train_text_encoder: bool, snr_gamma: float | None = None):
         super().__init__()
         self.unet, self.text_encoder, self.train_text_encoder = unet_model, text_encoder, train_text_encoder
-        self.scheduler = scheduler  # a schedulers.Scheduler: add_noise and target
+        self.scheduler = scheduler  # a schedulers.Scheduler: add_noise, target and snr
+        self.snr_gamma = snr_gamma
 
     def forward(self, latents, input_ids, noise, timesteps) -> torch.Tensor:
         """latents z0 (B, C, h, w), already scaled; input_ids (B, 77); noise like latents; timesteps (B,)."""
@@ -146,7 +151,12 @@ class Denoiser(nn.Module):
             context = self.text_encoder(input_ids)  # (B, 77, D)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)  # z_t, DDPM Eq. 4
         prediction = self.unet(noisy, timesteps, context)  # (B, C, h, w)
-        return F.mse_loss(prediction.float(), self.scheduler.target(latents, noise, timesteps).float())
+        target = self.scheduler.target(latents, noise, timesteps)
+        if not self.snr_gamma:
+            return F.mse_loss(prediction.float(), target.float())
+        snr = self.scheduler.snr(timesteps)  # (B,)
+        weight = snr.clamp(max=self.snr_gamma) / (snr if self.scheduler.config.prediction_type == "epsilon" else snr + 1)
+        return ((prediction.float() - target.float()).square().mean(dim=(1, 2, 3)) * weight).mean()
 
 
 class EMA:

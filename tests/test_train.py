@@ -234,6 +234,38 @@ def test_step_sampler_splits_each_global_batch_into_disjoint_slices():
     assert sorted(seen) == list(range(G, G * (steps + 1)))
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_loss_is_diffusers_train_text_to_image_weighting(prediction_type):
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.training_utils import compute_snr
+    from minroentgen.schedulers import DDPMScheduler, SchedulerConfig
+    sd = training.random_model("tiny", 32, seed=0)
+    ours = DDPMScheduler(SchedulerConfig(prediction_type=prediction_type))
+    theirs = diffusers.DDPMScheduler.from_config(ours.config.__dict__)
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(6, 4, 4, 4, generator=g), torch.randn(6, 4, 4, 4, generator=g)
+    t = torch.tensor([0, 3, 40, 300, 700, 999])  # SNR from ~1e3 down to ~5e-3, on both sides of gamma
+    ids = sd.tokenizer(["left effusion", "", "cardiomegaly", "no pneumothorax", "edema", "nodule"])
+    assert torch.allclose(ours.snr(t), compute_snr(theirs, t), rtol=1e-6)
+    with torch.no_grad():  # the example's loss, as train_text_to_image.py --snr_gamma 5 computes it
+        snr = compute_snr(theirs, t)
+        weights = torch.stack([snr, 5 * torch.ones_like(t)], dim=1).min(dim=1)[0]
+        weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+        target = noise if prediction_type == "epsilon" else theirs.get_velocity(latents, noise, t)
+        prediction = sd.unet(theirs.add_noise(latents, noise, t), t, sd.text_encoder(ids))
+        expected = (torch.nn.functional.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+        plain = training.Denoiser(sd.unet, sd.text_encoder, ours, False)(latents, ids, noise, t)
+        weighted = training.Denoiser(sd.unet, sd.text_encoder, ours, False, snr_gamma=5)(latents, ids, noise, t)
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(weighted.item() - plain.item()) > 0.1 * plain.item()  # the weighting changes the loss
+
+
+def test_snr_gamma_reaches_the_loss(data, tmp_path):
+    plain, weighted = run(data, tmp_path / "plain", "--max-steps", "1"), run(data, tmp_path / "snr", "--max-steps", "1",
+                                                                              "--snr-gamma", "5")
+    assert weighted[1] < 0.9 * plain[1]  # the same batch: min(SNR, 5) / SNR <= 1 weighs every example down or not at all
+
+
 def test_lr_schedule_and_ema():
     assert training.lr_factor(0, 4, 100, "cosine") == 0.25 and training.lr_factor(3, 4, 100, "cosine") == 1
     assert training.lr_factor(52, 4, 100, "cosine") == pytest.approx(0.5)
@@ -258,6 +290,7 @@ def test_lr_schedule_and_ema():
     (["--data", "DATA", "--init", "tiny", "--resume"], "--resume: no checkpoint"),
     (["--data", "BAD", "--init", "tiny"], "no usable image-report pair"),
     (["--data", "DATA", "--weights", "missing-weights"], "missing-weights"),
+    (["--data", "DATA", "--init", "tiny", "--snr-gamma", "0"], "--snr-gamma must be positive"),
 ])
 def test_bad_input_gets_a_one_line_error(extra, says, data, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
