@@ -1,7 +1,7 @@
 """Training speed and memory: one step of minroentgen's recipe vs the diffusers equivalent, same weights.
 
     python benchmarks/bench_train.py --size tiny                       # CPU, seconds
-    python benchmarks/bench_train.py --size sd15 --resolution 256      # CPU, a few minutes on 2 cores
+    python benchmarks/bench_train.py --size sd15 --resolution 256 --sequential   # CPU: both need ~28 GB together
     python benchmarks/bench_train.py --size sd15 --device cuda --precision bf16 --batch 8
 
 One optimizer step = VAE encode (frozen) -> noise at random timesteps -> text encoder (frozen) -> UNet ->
@@ -11,6 +11,7 @@ with its own schedulers and models. Prints images per second, the ratio (minroen
 1 is faster) and the peak extra memory, and appends the table to benchmarks/RESULTS.md.
 """
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -20,10 +21,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import REFERENCE, compare, machine, sd15_configs, write_results  # noqa: E402
+from common import REFERENCE, compare, machine, measure, sd15_configs, write_results  # noqa: E402
 
 from minroentgen.pipeline import StableDiffusion  # noqa: E402
 from minroentgen.schedulers import DDPMScheduler, SchedulerConfig  # noqa: E402
+from minroentgen.tokenizer import CLIPTokenizer  # noqa: E402
 from minroentgen.training import Denoiser  # noqa: E402
 
 
@@ -43,69 +45,86 @@ def main():
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="autocast dtype around the forward pass; weights stay fp32 (default fp32)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps; the median is shown (default 3)")
+    p.add_argument("--sequential", nargs="?", const="minroentgen", choices=["minroentgen", "diffusers"],
+                   help="time one implementation (minroentgen unless named), free it, then build and time the other, "
+                   "instead of alternating: for memory that cannot hold both models with their AdamW states (full "
+                   "SD v1.5: about 14 GB each); the machine's load must stay steady, and run both orders")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args()
-    from diffusers import DDPMScheduler as RefDDPM
-    from oracle import SD15_SCHEDULER, diffusers_pipeline
+    from diffusers import StableDiffusionPipeline
+    from oracle import diffusers_pipeline
 
     device = torch.device(args.device)
     res = args.resolution or (32 if args.size == "tiny" else 512)
-    ref = diffusers_pipeline(configs(args.size), perturb=0.0)
     folder = Path(f"/tmp/minroentgen-bench-train-{args.size}")
     if not folder.exists():
-        ref.save_pretrained(folder)
-    ours = StableDiffusion.from_pretrained(folder, device=device)
-    ref = ref.to(device)
-    ref_sched = RefDDPM.from_config(SD15_SCHEDULER)
-    for m in (ours.unet, ref.unet):
-        m.train().requires_grad_(True)
-    for m in (ref.vae, ref.text_encoder):
-        m.requires_grad_(False)
-    fused = {"fused": True} if device.type == "cuda" else {}
-    opt_ours = torch.optim.AdamW(ours.unet.parameters(), lr=1e-5, weight_decay=1e-2, **fused)
-    opt_ref = torch.optim.AdamW(ref.unet.parameters(), lr=1e-5, weight_decay=1e-2, **fused)
-    denoiser = Denoiser(ours.unet, ours.text_encoder, DDPMScheduler(SchedulerConfig()), train_text_encoder=False)
-
+        diffusers_pipeline(configs(args.size), perturb=0.0).save_pretrained(folder)
     g = torch.Generator("cpu").manual_seed(0)
     pixels = (torch.rand(args.batch, 3, res, res, generator=g) * 2 - 1).to(device)
-    ids = ours.tokenizer(["small left pleural effusion"] * args.batch).to(device)
+    ids = CLIPTokenizer.from_folder(folder / "tokenizer")(["small left pleural effusion"] * args.batch).to(device)
     amp = dict(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision),
                enabled=args.precision != "fp32")
+    fused = {"fused": True} if device.type == "cuda" else {}
 
     def draws(z):
         return (torch.randn(z.shape, generator=g).to(device),
                 torch.randint(0, 1000, (z.shape[0],), generator=g).to(device))
 
-    def step_ours():
-        with torch.no_grad():
-            z = ours.vae.encode(pixels).sample(g) * ours.vae.config.scaling_factor
-        noise, t = draws(z)
-        with torch.autocast(**amp):
-            loss = denoiser(z, ids, noise, t)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ours.unet.parameters(), 1.0)
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
+    def make_ours():
+        ours = StableDiffusion.from_pretrained(folder, device=device)
+        ours.unet.train().requires_grad_(True)
+        opt = torch.optim.AdamW(ours.unet.parameters(), lr=1e-5, weight_decay=1e-2, **fused)
+        denoiser = Denoiser(ours.unet, ours.text_encoder, DDPMScheduler(SchedulerConfig()), train_text_encoder=False)
 
-    def step_ref():
-        with torch.no_grad():
-            z = ref.vae.encode(pixels).latent_dist.sample(g) * ref.vae.config.scaling_factor
-        noise, t = draws(z)
-        noisy = ref_sched.add_noise(z, noise, t)
-        with torch.autocast(**amp):
+        def step():
             with torch.no_grad():
-                context = ref.text_encoder(ids)[0]
-            pred = ref.unet(noisy, t, context).sample
-            loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref.unet.parameters(), 1.0)
-        opt_ref.step()
-        opt_ref.zero_grad(set_to_none=True)
+                z = ours.vae.encode(pixels).sample(g) * ours.vae.config.scaling_factor
+            noise, t = draws(z)
+            with torch.autocast(**amp):
+                loss = denoiser(z, ids, noise, t)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ours.unet.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
 
-    print(f"timing one training step, {args.size} at {res}x{res}, batch {args.batch} ...", flush=True)
-    (tm, mm), (td, md) = compare(step_ours, step_ref, device, args.repeats)
-    rows = [(f"{args.size} UNet step, batch {args.batch} at {res}", f"{args.batch / tm:.2f} img/s",
-             f"{args.batch / td:.2f} img/s", f"{td / tm:.2f}", f"{mm / 2**20:.0f} MiB", f"{md / 2**20:.0f} MiB")]
+    def make_ref():  # diffusers' train_text_to_image.py, without its data loading
+        from diffusers import DDPMScheduler as RefDDPM
+        ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True).to(device)
+        ref_sched = RefDDPM.from_config(ref.scheduler.config)
+        ref.unet.train().requires_grad_(True)
+        ref.vae.requires_grad_(False)
+        ref.text_encoder.requires_grad_(False)
+        opt = torch.optim.AdamW(ref.unet.parameters(), lr=1e-5, weight_decay=1e-2, **fused)
+
+        def step():
+            with torch.no_grad():
+                z = ref.vae.encode(pixels).latent_dist.sample(g) * ref.vae.config.scaling_factor
+            noise, t = draws(z)
+            noisy = ref_sched.add_noise(z, noise, t)
+            with torch.autocast(**amp):
+                with torch.no_grad():
+                    context = ref.text_encoder(ids)[0]
+                pred = ref.unet(noisy, t, context).sample
+                loss = F.mse_loss(pred.float(), noise.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ref.unet.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    how = f"one after the other, {args.sequential} first" if args.sequential else "alternated"
+    print(f"timing one training step, {args.size} at {res}x{res}, batch {args.batch}, {how} ...", flush=True)
+    if args.sequential:
+        first, second = (make_ours, make_ref) if args.sequential == "minroentgen" else (make_ref, make_ours)
+        results = {first: measure(first(), device, args.repeats)}
+        gc.collect()  # the first model and its optimizer state are gone before the second is built
+        results[second] = measure(second(), device, args.repeats)
+        (tm, mm), (td, md) = results[make_ours], results[make_ref]
+    else:
+        (tm, mm), (td, md) = compare(make_ours(), make_ref(), device, args.repeats)
+    rows = [(f"{args.size} UNet step, batch {args.batch} at {res} ({how})", f"{args.batch / tm:.3g} img/s",
+             f"{args.batch / td:.3g} img/s", f"{td / tm:.2f}", f"{mm / 2**20:.0f} MiB", f"{md / 2**20:.0f} MiB")]
     title = f"Training, {machine()}, {args.precision}, torch {torch.__version__}"
     header = ("what", "minroentgen", "diffusers", "speed ratio", "peak extra mem (ours)", "peak extra mem (diffusers)")
     write_results(title, rows, header, save=not args.no_write)

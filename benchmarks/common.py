@@ -80,6 +80,15 @@ def compare(mine, theirs, device, repeats=3, warmup=1):
     return tuple((statistics.median(t for t, _ in runs[fn]), max(m for _, m in runs[fn])) for fn in (mine, theirs))
 
 
+def measure(fn, device, repeats=3, warmup=1):
+    """Median seconds and peak extra memory (bytes) of `fn()` alone: for implementations that cannot be in
+    memory together; the machine's load must then be steady between the two measurements."""
+    for _ in range(warmup):
+        fn()
+    runs = [_timed(fn, device) for _ in range(repeats)]
+    return statistics.median(t for t, _ in runs), max(m for _, m in runs)
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
