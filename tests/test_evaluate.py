@@ -262,3 +262,17 @@ def test_script_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_script(["--seeds", "1"], capsys)
     assert "--seeds must be at least 2" in capsys.readouterr().err
+
+
+def test_embedded_default_draws_the_side_it_is_asked_for(reader):
+    """The default model's text control in small (README table in full): a large left and a large right
+    effusion, 4 samples each at 10 DDIM steps, as the phantom reader sees them."""
+    if not script.DEFAULT_WEIGHTS.exists():
+        pytest.skip("no embedded default model in this checkout")
+    from minroentgen.pipeline import StableDiffusion
+    sd = StableDiffusion.from_pretrained(script.DEFAULT_WEIGHTS)
+    for side in ("left", "right"):
+        prob, _ = E.read(reader, E.resize(E.generate(sd, f"Large {side} pleural effusion.", 4, 0, steps=10), 128))
+        present = prob["present"][:, E.P.FINDINGS.index("pleural_effusion")] > 0.5
+        on_side = prob["effusion_side"].argmax(1) == E.R.HEADS["effusion_side"].index(side)
+        assert (present & on_side).sum() >= 3, (side, prob["effusion_side"])
