@@ -254,8 +254,9 @@ def judge(prob: dict, labels: dict) -> dict:
 def run(sd, reader, prompts=PROMPTS, seeds: int = 16, seed: int = 0, steps=None, guidance=None,
         scheduler=None, size: int = 128, heldout_n: int = 1000, progress: bool = True, reconstruct: bool = False):
     """Generate `seeds` samples per prompt at the model's size (or, with sd=None, render `size`-px
-    phantoms of its labels; with reconstruct=True, those phantoms through the model's VAE), read and measure them. Returns (report, images): report = {"prompts": rows,
-    "groups": rows} (JSON-able), images = one (seeds, H, W) uint8 array per prompt."""
+    phantoms of its labels; with reconstruct=True, those phantoms through the model's VAE), read and
+    measure them. Returns (report, images): report = {"prompts": rows, "groups": rows} (JSON-able),
+    images = one (seeds, H, W) uint8 array per prompt."""
     if sd is not None:
         size = sd.defaults.height
     norm = R.SIZE  # everything is judged at the reader's input size

@@ -110,7 +110,7 @@ class Scheduler:
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio of x_t, abar_t / (1 - abar_t) (Kingma et al. 2021, eq. 1), (B,) for t (B,)."""
-        abar = self.alphas_cumprod.to(t.device)[t]
+        abar = self._abar(t, t.float())  # (B,) in fp32, from the table add_noise keeps on t's device
         return abar / (1 - abar)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
