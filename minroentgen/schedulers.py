@@ -109,7 +109,8 @@ class Scheduler:
         return abar**0.5 * noise - (1 - abar) ** 0.5 * x0
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
-        """Signal-to-noise ratio of x_t, abar_t / (1 - abar_t) (Kingma et al. 2021, eq. 1), (B,) for t (B,)."""
+        """Signal-to-noise ratio of x_t, abar_t / (1 - abar_t) (Kingma et al. 2021, Variational Diffusion
+        Models), (B,) for t (B,)."""
         abar = self._abar(t, t.float())  # (B,) in fp32, from the table add_noise keeps on t's device
         return abar / (1 - abar)
 

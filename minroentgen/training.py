@@ -136,7 +136,7 @@ class Denoiser(nn.Module):
     """UNet + text encoder -> the denoising loss; the module DDP wraps, so gradients of both sync.
 
     snr_gamma weighs each example's loss by min(SNR_t, gamma) / SNR_t (v-prediction: / (SNR_t + 1)), Min-SNR
-    weighting (Hang et al. 2023, Sec. 3.4; diffusers' train_text_to_image --snr_gamma): the nearly clean
+    weighting (Hang et al. 2023, ICCV; diffusers' train_text_to_image --snr_gamma): the nearly clean
     timesteps, whose noise is hardest to tell from image texture and dominates the plain loss, count less."""
 
     def __init__(self, unet_model, text_encoder, scheduler, train_text_encoder: bool, snr_gamma: float | None = None):
@@ -155,7 +155,8 @@ class Denoiser(nn.Module):
         if not self.snr_gamma:
             return F.mse_loss(prediction.float(), target.float())
         snr = self.scheduler.snr(timesteps)  # (B,)
-        weight = snr.clamp(max=self.snr_gamma) / (snr if self.scheduler.config.prediction_type == "epsilon" else snr + 1)
+        epsilon = self.scheduler.config.prediction_type == "epsilon"
+        weight = snr.clamp(max=self.snr_gamma) / (snr if epsilon else snr + 1)
         return ((prediction.float() - target.float()).square().mean(dim=(1, 2, 3)) * weight).mean()
 
 
