@@ -170,11 +170,11 @@ def main(argv=None):
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
         print(f"resuming from {resume} at step {start}")
-    size, part = args.resolution // f, "its decoder" if args.decoder_only else "all"
-    print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter VAE ({part}: "
-          f"{sum(p.numel() for p in trained) / 1e6:.2f}M; latents {model.config.latent_channels}x{size}x{size}) on {device}")
-
     latent_shape = (model.config.latent_channels, args.resolution // f, args.resolution // f)
+    part = "its decoder" if args.decoder_only else "all"
+    print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter VAE ({part}: "
+          f"{sum(p.numel() for p in trained) / 1e6:.2f}M; latents {'x'.join(map(str, latent_shape))}) on {device}")
+
     data = Images(dataset, None, args.seed, latent_shape, 0, 0.0)
     batches = iter(torch.utils.data.DataLoader(data, batch_sampler=T.StepSampler(start, args.batch_size, 1, 1, 0),
                                                num_workers=args.num_workers, pin_memory=cuda))

@@ -51,6 +51,7 @@ def main():
                    "SD v1.5: about 14 GB each); the machine's load must stay steady, and run both orders")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args()
+    from diffusers import DDPMScheduler as RefDDPM
     from diffusers import StableDiffusionPipeline
     from oracle import diffusers_pipeline
 
@@ -89,7 +90,6 @@ def main():
         return step
 
     def make_ref():  # diffusers' train_text_to_image.py, without its data loading
-        from diffusers import DDPMScheduler as RefDDPM
         ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True).to(device)
         ref_sched = RefDDPM.from_config(ref.scheduler.config)
         ref.unet.train().requires_grad_(True)

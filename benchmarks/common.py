@@ -67,6 +67,11 @@ def _timed(fn, device):
     return seconds, mem.extra
 
 
+def _median_and_peak(runs: list[tuple]) -> tuple:
+    """(seconds, bytes) runs -> (median seconds, largest peak)."""
+    return statistics.median(t for t, _ in runs), max(m for _, m in runs)
+
+
 def compare(mine, theirs, device, repeats=3, warmup=1):
     """Median seconds and peak extra memory of two implementations of the same work, timed in
     alternation (mine, theirs, mine, ...) so that a change in the machine's load hits both alike.
@@ -77,7 +82,7 @@ def compare(mine, theirs, device, repeats=3, warmup=1):
     for _ in range(repeats):
         for fn in (mine, theirs):
             runs[fn].append(_timed(fn, device))
-    return tuple((statistics.median(t for t, _ in runs[fn]), max(m for _, m in runs[fn])) for fn in (mine, theirs))
+    return _median_and_peak(runs[mine]), _median_and_peak(runs[theirs])
 
 
 def measure(fn, device, repeats=3, warmup=1):
@@ -85,8 +90,7 @@ def measure(fn, device, repeats=3, warmup=1):
     memory together; the machine's load must then be steady between the two measurements."""
     for _ in range(warmup):
         fn()
-    runs = [_timed(fn, device) for _ in range(repeats)]
-    return statistics.median(t for t, _ in runs), max(m for _, m in runs)
+    return _median_and_peak([_timed(fn, device) for _ in range(repeats)])
 
 
 def machine() -> str:
