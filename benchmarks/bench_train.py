@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import REFERENCE, compare, machine, measure, sd15_configs, write_results  # noqa: E402
+from common import REFERENCE, compare, machine, measure, median_and_peak, sd15_configs, write_results  # noqa: E402
 
 from minroentgen.pipeline import StableDiffusion  # noqa: E402
 from minroentgen.schedulers import DDPMScheduler, SchedulerConfig  # noqa: E402
@@ -45,10 +45,10 @@ def main():
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="autocast dtype around the forward pass; weights stay fp32 (default fp32)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps; the median is shown (default 3)")
-    p.add_argument("--sequential", nargs="?", const="minroentgen", choices=["minroentgen", "diffusers"],
-                   help="time one implementation (minroentgen unless named), free it, then build and time the other, "
-                   "instead of alternating: for memory that cannot hold both models with their AdamW states (full "
-                   "SD v1.5: about 14 GB each); the machine's load must stay steady, and run both orders")
+    p.add_argument("--sequential", type=int, nargs="?", const=2, default=0, metavar="ROUNDS",
+                   help="build, time and free one implementation at a time, in ROUNDS alternating rounds (default 2) "
+                   "after an untimed round, instead of holding both: for memory that cannot hold both models with "
+                   "their AdamW states (full SD v1.5: about 14 GB each); the machine's load must stay steady")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args()
     from diffusers import DDPMScheduler as RefDDPM
@@ -113,14 +113,16 @@ def main():
             opt.zero_grad(set_to_none=True)
         return step
 
-    how = f"one after the other, {args.sequential} first" if args.sequential else "alternated"
+    how = f"one at a time, {args.sequential} alternating rounds" if args.sequential else "alternated"
     print(f"timing one training step, {args.size} at {res}x{res}, batch {args.batch}, {how} ...", flush=True)
-    if args.sequential:
-        first, second = (make_ours, make_ref) if args.sequential == "minroentgen" else (make_ref, make_ours)
-        results = {first: measure(first(), device, args.repeats)}
-        gc.collect()  # the first model and its optimizer state are gone before the second is built
-        results[second] = measure(second(), device, args.repeats)
-        (tm, mm), (td, md) = results[make_ours], results[make_ref]
+    if args.sequential:  # the untimed first round leaves both timed ones in memory a predecessor freed
+        runs = {make_ours: [], make_ref: []}
+        for i, make in enumerate([make_ref] + [make_ours, make_ref] * args.sequential):
+            result = measure(make(), device, args.repeats if i else 1)
+            gc.collect()  # this model and its optimizer state are gone before the next is built
+            if i:
+                runs[make].append(result)
+        (tm, mm), (td, md) = median_and_peak(runs[make_ours]), median_and_peak(runs[make_ref])
     else:
         (tm, mm), (td, md) = compare(make_ours(), make_ref(), device, args.repeats)
     rows = [(f"{args.size} UNet step, batch {args.batch} at {res} ({how})", f"{args.batch / tm:.3g} img/s",

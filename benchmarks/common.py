@@ -67,7 +67,7 @@ def _timed(fn, device):
     return seconds, mem.extra
 
 
-def _median_and_peak(runs: list[tuple]) -> tuple:
+def median_and_peak(runs: list[tuple]) -> tuple:
     """(seconds, bytes) runs -> (median seconds, largest peak)."""
     return statistics.median(t for t, _ in runs), max(m for _, m in runs)
 
@@ -82,7 +82,7 @@ def compare(mine, theirs, device, repeats=3, warmup=1):
     for _ in range(repeats):
         for fn in (mine, theirs):
             runs[fn].append(_timed(fn, device))
-    return _median_and_peak(runs[mine]), _median_and_peak(runs[theirs])
+    return median_and_peak(runs[mine]), median_and_peak(runs[theirs])
 
 
 def measure(fn, device, repeats=3, warmup=1):
@@ -90,7 +90,7 @@ def measure(fn, device, repeats=3, warmup=1):
     memory together; the machine's load must then be steady between the two measurements."""
     for _ in range(warmup):
         fn()
-    return _median_and_peak([_timed(fn, device) for _ in range(repeats)])
+    return median_and_peak([_timed(fn, device) for _ in range(repeats)])
 
 
 def machine() -> str:
