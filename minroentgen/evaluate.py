@@ -239,8 +239,11 @@ def judge(prob: dict, labels: dict) -> dict:
     asked_f = torch.tensor([f in labels for f in P.FINDINGS])
     asked_d = torch.tensor([d in labels.get("support_devices", {}).get("devices", []) for d in P.DEVICES])
     present = found[:, asked_f].all(1) & device[:, asked_d].all(1)
+    extra_f, extra_d = found & ~asked_f, device & ~asked_d
     c = {"n": len(found), "present": int(present.sum()) if labels else None,
-         "unprompted": int(((found & ~asked_f).any(1) | (device & ~asked_d).any(1)).sum())}
+         "unprompted": int((extra_f.any(1) | extra_d.any(1)).sum()),
+         "unprompted_by": {name: int(k) for name, k in zip(P.FINDINGS + P.DEVICES, torch.cat([extra_f, extra_d], 1).sum(0))
+                           if k and name != "support_devices"}}  # which ones (the devices by name)
     for kind, attrs in (("place", ("side", "zone")), ("size", ("size",))):
         heads = [h for h, (f, a) in R.OF.items() if f in labels and a in attrs]
         ok = present.clone()
@@ -295,6 +298,8 @@ def _group(wording, name, rows, feat, ref_feat, held_feat) -> dict:
         return sum(r[key] for r in rows if r[key] is not None) / den if den else None
     return {"wording": wording, "group": name, "prompts": len(rows), "samples": sum(r["n"] for r in rows),
             **{k: rate(k) for k in ("present", "place", "size", "unprompted")},
+            "unprompted_by": {k: sum(r["unprompted_by"].get(k, 0) for r in rows) / sum(r["n"] for r in rows)
+                              for k in P.FINDINGS + P.DEVICES if any(k in r["unprompted_by"] for r in rows)},
             "fid_heldout": fid(feat, held_feat), "fid_same": fid(feat, ref_feat),
             "ms_ssim": float(np.mean([r["ms_ssim"] for r in rows])),
             "ms_ssim_real": float(np.mean([r["ms_ssim_real"] for r in rows]))}
@@ -308,13 +313,17 @@ def table(report: dict) -> str:
         return "–" if v is None else f"{100 * v:.0f}%" + ("" if ok is None else " ✓" if ok(v) else " ✗")
     t = THRESHOLDS
     lines = ["| wording | finding | prompts | samples | present (≥90%) | side/zone (≥90%) | size | unprompted (≤10%) "
-             "| FID vs held-out | FID vs same findings | MS-SSIM | MS-SSIM real |", "|" + " --- |" * 12]
+             "| most often unprompted | FID vs held-out | FID vs same findings | MS-SSIM | MS-SSIM real |",
+             "|" + " --- |" * 13]
     for g in report["groups"]:
+        top = sorted(g["unprompted_by"].items(), key=lambda kv: -kv[1])[:2]
         lines.append(" | ".join([
             f"| {g['wording']}", "**all**" if g["group"] == "all" else g["group"].replace("_", " "),
             str(g["prompts"]), str(g["samples"]), pct(g["present"], lambda v: v >= t["present"]),
             pct(g["place"], lambda v: v >= t["place"]), pct(g["size"]),
-            pct(g["unprompted"], lambda v: v <= t["unprompted"]), f"{g['fid_heldout']:.1f}", f"{g['fid_same']:.1f}",
+            pct(g["unprompted"], lambda v: v <= t["unprompted"]),
+            ", ".join(f"{k.replace('_', ' ')} {pct(v)}" for k, v in top) or "–",
+            f"{g['fid_heldout']:.1f}", f"{g['fid_same']:.1f}",
             f"{g['ms_ssim']:.3f}", f"{g['ms_ssim_real']:.3f} |"]))
     return "\n".join(lines) + "\n"
 

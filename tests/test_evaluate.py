@@ -171,11 +171,16 @@ def test_judge_counts():
     assert (c["present"], c["place"], c["size"], c["unprompted"]) == (1, 1, 1, 0)
     c = E.judge(prob([1, 0, 1, 0, 0, 0, 0], side=(0, 1, 0)), eff)
     assert (c["present"], c["place"], c["place_of"], c["unprompted"]) == (1, 0, 1, 1)
+    assert c["unprompted_by"] == {"cardiomegaly": 1}
     dev = {"support_devices": {"devices": ["pacemaker"]}}
-    assert E.judge(prob([0, 0, 0, 0, 0, 1, 0], (1, 0, 1)), dev)["unprompted"] == 1  # an ETT no one asked for
+    c = E.judge(prob([0, 0, 0, 0, 0, 1, 0], (1, 0, 1)), dev)
+    assert c["unprompted"] == 1 and c["unprompted_by"] == {"endotracheal_tube": 1}  # an ETT no one asked for
     assert E.judge(prob([0, 0, 0, 0, 0, 1, 0], (0, 0, 1)), dev)["present"] == 1
-    assert E.judge(prob([0, 0, 0, 0, 0, 0, 0], (1, 1, 1)), {}) == dict(
-        n=1, present=None, unprompted=0, place=None, place_of=None, size=None, size_of=None)  # no devices read
+    assert E.judge(prob([0, 0, 0, 0, 0, 0, 0], (1, 1, 1)), {}) == dict(n=1, present=None, unprompted=0,
+        unprompted_by={}, place=None, place_of=None, size=None, size_of=None)  # no devices read: none counted
+    c = E.judge(prob([0, 0, 0, 0, 1, 1, 1], (1, 1, 0)), {})  # edema, nodule, ETT and CVL in a normal study
+    assert c["unprompted"] == 1 and c["unprompted_by"] == {"edema": 1, "nodule": 1, "endotracheal_tube": 1,
+                                                           "central_venous_line": 1}
 
 
 def test_resize_and_small_phantoms():
@@ -211,6 +216,7 @@ def test_real_phantom_baseline_passes(reader):
         assert g["present"] is None or g["present"] >= 0.9, E.table(report)
         assert g["place"] is None or g["place"] >= 0.9, E.table(report)
         assert g["unprompted"] <= 0.25, E.table(report)
+        assert sum(g["unprompted_by"].values()) >= g["unprompted"]  # each sample read unprompted names one or more
     assert everything["fid_same"] < everything["fid_heldout"]  # same findings are closer than a mix
     assert 0.2 < everything["ms_ssim"] < 0.9 and abs(everything["ms_ssim"] - everything["ms_ssim_real"]) < 0.1
     assert E.table(report).count("\n") == 2 + 9
