@@ -233,7 +233,8 @@ def judge(prob: dict, labels: dict) -> dict:
     """Counts for one prompt's samples. Read = findings with p > 0.5, plus the devices with p > 0.5 when
     support devices are read. present: every asked finding (and asked device) read; place/size: the
     side or zone / size head agrees, counted among the present; unprompted: anything read that was not
-    asked, support devices included (a device no one asked for is a failure of text control too)."""
+    asked, support devices included (a device no one asked for is a failure of text control too);
+    unprompted_by: how many samples read each unasked finding or device."""
     found = prob["present"] > 0.5  # (N, 7)
     device = (prob["devices"] > 0.5) & found[:, [P.FINDINGS.index("support_devices")]]  # (N, 3)
     asked_f = torch.tensor([f in labels for f in P.FINDINGS])
@@ -242,8 +243,9 @@ def judge(prob: dict, labels: dict) -> dict:
     extra_f, extra_d = found & ~asked_f, device & ~asked_d
     c = {"n": len(found), "present": int(present.sum()) if labels else None,
          "unprompted": int((extra_f.any(1) | extra_d.any(1)).sum()),
-         "unprompted_by": {name: int(k) for name, k in zip(P.FINDINGS + P.DEVICES, torch.cat([extra_f, extra_d], 1).sum(0))
-                           if k and name != "support_devices"}}  # which ones (the devices by name)
+         "unprompted_by": {name: int(k)  # which ones: the devices by name
+                           for name, k in zip(P.FINDINGS + P.DEVICES, torch.cat([extra_f, extra_d], 1).sum(0))
+                           if k and name != "support_devices"}}
     for kind, attrs in (("place", ("side", "zone")), ("size", ("size",))):
         heads = [h for h, (f, a) in R.OF.items() if f in labels and a in attrs]
         ok = present.clone()
