@@ -12,6 +12,7 @@ labels in place of samples: it validates the judge and gives the FID/MS-SSIM flo
 import json
 import textwrap
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -298,10 +299,12 @@ def _group(wording, name, rows, feat, ref_feat, held_feat) -> dict:
     def rate(key):
         den = sum(r[key + "_of" if key in ("place", "size") else "n"] or 0 for r in rows if r[key] is not None)
         return sum(r[key] for r in rows if r[key] is not None) / den if den else None
-    return {"wording": wording, "group": name, "prompts": len(rows), "samples": sum(r["n"] for r in rows),
+    samples, unprompted_by = sum(r["n"] for r in rows), Counter()
+    for r in rows:
+        unprompted_by.update(r["unprompted_by"])
+    return {"wording": wording, "group": name, "prompts": len(rows), "samples": samples,
             **{k: rate(k) for k in ("present", "place", "size", "unprompted")},
-            "unprompted_by": {k: sum(r["unprompted_by"].get(k, 0) for r in rows) / sum(r["n"] for r in rows)
-                              for k in P.FINDINGS + P.DEVICES if any(k in r["unprompted_by"] for r in rows)},
+            "unprompted_by": {k: v / samples for k, v in unprompted_by.items()},
             "fid_heldout": fid(feat, held_feat), "fid_same": fid(feat, ref_feat),
             "ms_ssim": float(np.mean([r["ms_ssim"] for r in rows])),
             "ms_ssim_real": float(np.mean([r["ms_ssim_real"] for r in rows]))}
