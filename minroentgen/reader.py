@@ -1,10 +1,11 @@
 """A small CNN that reads phantom radiographs: which findings, which side, which zone.
 
 It is the project's judge of whether a generated image shows what its prompt asked for, and its
-penultimate features (B, 512) give a "phantom FID". Trained on freshly generated phantoms only:
+penultimate features (B, 512) give a "phantom FID". Trained on freshly generated phantoms only, half
+of them blurred, since generated pictures are often softer than the phantoms:
 
     python -m minroentgen.reader --train            # writes weights/phantom_reader.safetensors
-    python -m minroentgen.reader --eval --n 1000    # AUROC per finding on fresh held-out phantoms
+    python -m minroentgen.reader --eval --n 1000    # AUROC per finding on fresh held-out phantoms, sharp and blurred
 
 Every input is resampled to 128x128 (area averaging), so one network reads any phantom size.
 """
@@ -69,6 +70,19 @@ def targets(labels: list) -> dict:
     for head, (name, attr) in OF.items():
         t[head] = torch.tensor([HEADS[head].index(lab[name][attr]) if name in lab else -1 for lab in labels])
     return t
+
+
+def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur of each image (B, 1, H, W) with its own sigma (B,) in pixels (0 leaves it as is).
+    Training on blurred phantoms teaches the reader that softness is not a finding: without it, a
+    tube-free phantom blurred by 2 px was read as carrying a tube 8% of the time (17% with a pneumothorax)."""
+    k = 2 * int(3 * float(sigma.max()) + 0.5) + 1
+    d = torch.arange(k, dtype=x.dtype) - k // 2
+    g = torch.exp(-d**2 / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
+    g = (g / g.sum(1, keepdim=True))[:, None]  # (B, 1, k)
+    y = F.pad(x.transpose(0, 1), (k // 2,) * 4, mode="replicate")  # (1, B, H + k - 1, W + k - 1): one group per image
+    y = F.conv2d(F.conv2d(y, g[..., None], groups=len(x)), g[:, :, None], groups=len(x))
+    return y.transpose(0, 1)  # (B, 1, H, W)
 
 
 def loss_fn(out: dict, t: dict) -> torch.Tensor:
@@ -148,6 +162,8 @@ def train(steps: int = 2500, n: int = 12000, batch: int = 64, seed: int = 12345,
         xb = x[idx]
         xb = xb * (0.9 + 0.2 * torch.rand(batch, 1, 1, 1, generator=g))  # exposure jitter
         xb = torch.roll(xb, tuple(torch.randint(-4, 5, (2,), generator=g).tolist()), dims=(2, 3))  # small shift
+        sigma = torch.rand(batch, generator=g) * 2.5 * (torch.rand(batch, generator=g) < 0.5)  # half of them blurred
+        xb = blur(xb, sigma)
         loss = loss_fn(model(xb), {k: v[idx] for k, v in t.items()})
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -185,6 +201,9 @@ def main(argv=None):
             images, labels = phantoms(a.n or 1000, 999_999, sizes=(size,))
             for k, v in evaluate(model, images, labels).items():
                 print(f"{size}px {k}: {v:.3f}")
+        blurred = blur(to_tensor(images), torch.full((len(images),), 2.0))[:, 0].mul(255).round().to(torch.uint8)
+        for k, v in evaluate(model, blurred.numpy(), labels).items():
+            print(f"blurred (2 px) {k}: {v:.3f}")
 
 
 if __name__ == "__main__":

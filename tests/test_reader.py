@@ -43,3 +43,27 @@ def test_reader_on_fresh_phantoms(size):
     prob = R.predict(model, images[side][:, :, ::-1].copy())["effusion_side"].argmax(1)
     truth = torch.tensor([1 if labels[i]["pleural_effusion"]["side"] == "left" else 0 for i in side])
     assert (prob == truth).float().mean() >= 0.9
+
+
+def test_blur_keeps_the_image_and_its_sharpness_is_per_image():
+    x = torch.rand(3, 1, 32, 32)
+    y = R.blur(x, torch.tensor([0.0, 1.0, 2.0]))
+    assert torch.equal(y[0], x[0])  # sigma 0: untouched
+    assert torch.allclose(y.mean((1, 2, 3))[1:], x.mean((1, 2, 3))[1:], atol=0.02)  # blurring keeps the brightness
+    assert y[2].std() < y[1].std() < x[1].std()  # more sigma, smoother
+
+
+@pytest.mark.slow
+def test_softness_is_not_read_as_a_finding():
+    """A blurred picture (as a generated one often is) must not be read as showing devices or findings:
+    trained without blurred examples, the reader read devices into 2.5% of these (8% of normal studies),
+    with AUROC 0.95 for pneumothorax and 0.97 for devices. What is there is still found through the blur."""
+    model = R.load()
+    images, labels = R.phantoms(300, seed=515151)
+    x = R.blur(R.to_tensor(images), torch.full((len(images),), 2.0))
+    prob, t = R.predict(model, x[:, 0].mul(255).round().to(torch.uint8).numpy()), R.targets(labels)
+    read = prob["present"] > 0.5
+    absent = t["present"] == 0
+    assert ((read & absent).sum(0) / absent.sum(0)).max() <= 0.015, (read & absent).sum(0)
+    for i, f in enumerate(P.FINDINGS):
+        assert R.auroc(prob["present"][:, i].numpy(), t["present"][:, i].numpy() > 0) >= 0.98, f
