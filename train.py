@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -73,6 +74,10 @@ def parse_args(argv=None):
     a("--snr-gamma", type=float, help="Min-SNR loss weighting min(SNR, gamma) / SNR (Hang et al. 2023; 5 is "
       "their choice): less weight on the nearly clean timesteps, faster learning of what the text controls "
       "(default: off, the plain MSE of the paper)")
+    a("--zero-snr", action="store_true", help="switch the noise schedule to zero terminal SNR with v-prediction "
+      "(Lin et al. 2024; saved in the scheduler config, sampled with DDIM from t = 999): SD's schedule ends with "
+      "a little signal left, which samples started from pure noise lack, so they come out washed out. "
+      "Use it with the plain loss: Min-SNR gives the pure-noise step no weight")
     a("--text-dropout", type=float, default=0.1, help="probability of training on the empty prompt, so that "
       "classifier-free guidance keeps a matching unconditional model (default 0.1: Stable Diffusion v1 was "
       "trained with 10%% text dropping, per its model card; the RoentGen paper does not say)")
@@ -93,7 +98,8 @@ def parse_args(argv=None):
     a("--val-steps", type=int, default=25, help="DDIM steps for the validation samples (default 25)")
     a("--log-every", type=int, default=10, help="log loss, learning rate, images/s every N steps (default 10)")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto: CUDA if there is one")
-    a("--num-workers", type=int, default=4, help="data loading processes per training process (default 4)")
+    a("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+      help="data loading processes per training process (default: 4, or the number of CPU cores if fewer)")
     args = p.parse_args(argv)
     if args.resume is None and (args.weights is None) == (args.init is None):
         p.error("give exactly one of --weights PATH (e.g. SD v1.4) and --init PRESET (random weights)")
@@ -173,6 +179,11 @@ def train(args, device, world, rank):
     except ValueError as e:  # WeightsError included
         error(str(e))
     log(dataset.summary())
+    if args.zero_snr and not resume:  # the checkpoints then carry the new schedule (a resume keeps it)
+        sd.scheduler_config = replace(sd.scheduler_config, rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                                      timestep_spacing="trailing", class_name="DDIMScheduler")
+        if sd.defaults.scheduler == "pndm":
+            sd.defaults = replace(sd.defaults, scheduler="ddim")
 
     # Train the UNet (and the text encoder); the VAE stays frozen (LDM Sec. 3.3, RoentGen).
     trained = [sd.unet] + ([sd.text_encoder] if args.train_text_encoder else [])

@@ -11,6 +11,9 @@ and a sampler walks back from pure noise over a few of the 1000 training timeste
     DDIM  (Song et al. 2021, eq. 12): the same marginals without (eta=0) or with (eta>0) fresh noise.
     PNDM  (Liu et al. 2022): a linear multistep method (PLMS) over DDIM-like "transfer" steps.
 
+SD's schedule ends at abar_T = 0.0047, not 0: `rescale_betas_zero_snr` (Lin et al. 2024) makes the last
+step pure noise, as sampling starts, and then needs v-prediction (DDIM and DDPM; diffusers' PNDM lacks it).
+
 Every sampler follows diffusers' `DDPMScheduler` / `DDIMScheduler` / `PNDMScheduler` exactly
 (same timesteps, same formulas, same random draws), so a seed gives the same picture in both.
 """
@@ -33,6 +36,7 @@ class SchedulerConfig:
     clip_sample: bool = False  # DDPM/DDIM: clamp the predicted x0 to [-1, 1]
     skip_prk_steps: bool = True  # PNDM: start with PLMS warm-up steps, not Runge-Kutta ones
     timestep_spacing: str = "leading"  # or "trailing", "linspace"
+    rescale_betas_zero_snr: bool = False  # shift and scale sqrt(abar_t) so that abar_T = 0 (Lin et al. 2024)
     variance_type: str = "fixed_small"  # DDPM: posterior variance beta~_t (eq. 7)
     class_name: str = "PNDMScheduler"  # `_class_name`: the sampler the config was saved with
 
@@ -44,11 +48,14 @@ class SchedulerConfig:
             if getattr(self, key) not in values:
                 raise ValueError(f"scheduler config: {key}={getattr(self, key)!r} is not supported; "
                                  f"use one of {list(values)}")
+        if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":  # x0 = (x_T - eps) / 0
+            raise ValueError("scheduler config: rescale_betas_zero_snr needs prediction_type='v_prediction' "
+                             "(at zero SNR, x0 cannot be recovered from a predicted eps)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
         """Read a diffusers scheduler config; missing keys take SD v1.5's values (not diffusers' defaults)."""
-        unsupported = {"trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False}
+        unsupported = {"trained_betas": None, "thresholding": False}
         if d.get("clip_sample"):
             unsupported["clip_sample_range"] = 1.0
         for key, value in unsupported.items():
@@ -71,6 +78,17 @@ PRESETS = {
 }
 
 
+def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last step leaves no signal (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", Alg. 1). SD's schedule ends at abar_T = 0.0047: training never shows the network pure
+    noise, and samples started from it come out washed out. sqrt(abar_t) is shifted so that it ends at 0, then
+    scaled so that it starts where it did. Then eps cannot be predicted at t = T: use v-prediction."""
+    root = torch.cumprod(1 - betas, dim=0).sqrt()  # sqrt(abar_t), (T,)
+    first, last = root[0].clone(), root[-1].clone()
+    abar = ((root - last) * (first / (first - last))) ** 2
+    return 1 - torch.cat([abar[:1], abar[1:] / abar[:-1]])  # beta_t = 1 - abar_t / abar_{t-1}
+
+
 class Scheduler:
     """The noise schedule (betas, abar_t), the forward process and the training targets."""
 
@@ -81,6 +99,8 @@ class Scheduler:
         else:  # "scaled_linear": linear in sqrt(beta), as in the LDM code
             self.betas = torch.linspace(c.beta_start**0.5, c.beta_end**0.5, c.num_train_timesteps,
                                         dtype=torch.float32) ** 2
+        if c.rescale_betas_zero_snr:
+            self.betas = zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # abar_t, (T,) fp32 on the CPU
         self.final_alpha_cumprod = torch.tensor(1.0) if c.set_alpha_to_one else self.alphas_cumprod[0]
@@ -229,6 +249,9 @@ class PNDMScheduler(Scheduler):
     """
 
     def __init__(self, config: SchedulerConfig):
+        if config.rescale_betas_zero_snr:  # diffusers' PNDMScheduler has no such option (it would ignore it)
+            raise ValueError("the PNDM sampler does not support a zero-terminal-SNR schedule "
+                             "(rescale_betas_zero_snr); sample with ddim or ddpm")
         super().__init__(config)
         self.counter, self.ets, self.cur_sample = 0, [], None
 

@@ -59,6 +59,27 @@ def test_same_png_as_diffusers(sources, scheduler, tmp_path):
         assert np.abs(got - expected).max() <= 1, f"{source} with {name}"
 
 
+def test_zero_terminal_snr_model_same_png_as_diffusers(sources, tmp_path):
+    """A model as `train.py --zero-snr` saves it: v-prediction on rescaled betas, DDIM from t = 999."""
+    import diffusers
+
+    pipe, _ = sources
+    original = pipe.scheduler
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(original.config, rescale_betas_zero_snr=True,
+                                                         prediction_type="v_prediction", timestep_spacing="trailing")
+    try:
+        pipe.save_pretrained(tmp_path / "zsnr", safe_serialization=True)
+        expected = reference_gray(pipe, "DDIMScheduler")
+    finally:
+        pipe.scheduler = original
+    assert np.abs(expected - reference_gray(pipe, "DDIMScheduler")).max() > 1, "the schedule changed nothing"
+    paths = run_sample(tmp_path / "zsnr", "ddim", tmp_path / "out")
+    got = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
+    assert np.abs(got - expected).max() <= 1
+    with pytest.raises(SystemExit, match="ddim or ddpm"):
+        run_sample(tmp_path / "zsnr", "pndm", tmp_path / "pndm")
+
+
 def test_negative_prompt_is_the_unconditional_branch(sources, tmp_path):
     pipe, root = sources
     expected = reference_gray(pipe, "DDIMScheduler", negative="no acute cardiopulmonary process")

@@ -106,6 +106,30 @@ def test_v_prediction(hub, name):
     assert_same_loop(ours, theirs, 20, seed=3, prediction_type="v_prediction")
 
 
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+def test_zero_terminal_snr(hub, name, spacing):
+    """Lin et al. 2024: the rescaled schedule ends at abar_T = 0, and v-prediction samples from pure noise."""
+    zsnr = {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": spacing}
+    ours, theirs = pair(hub, name, **zsnr)
+    assert torch.equal(ours.betas, theirs.betas) and torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
+    assert ours.alphas_cumprod[-1] == 0 and ours.alphas_cumprod[0] == pair(hub, name)[0].alphas_cumprod[0]
+    assert (ours.alphas_cumprod[:-1] > 0).all() and (ours.betas <= 1).all()
+    assert_same_loop(ours, theirs, 10, seed=3, prediction_type="v_prediction")
+    assert ours.timesteps[0] == (999 if spacing == "trailing" else 901)
+    assert SchedulerConfig.from_dict(dict(theirs.config)) == ours.config  # saved and read back, either side
+    assert ours.config.to_dict()["rescale_betas_zero_snr"] is True
+
+
+def test_zero_terminal_snr_needs_v_prediction_and_no_pndm(hub):
+    with pytest.raises(ValueError, match="v_prediction") as err:
+        SchedulerConfig.from_dict({**hub, "rescale_betas_zero_snr": True})
+    assert "\n" not in str(err.value)
+    config = SchedulerConfig.from_dict({**hub, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"})
+    with pytest.raises(ValueError, match="ddim or ddpm"):
+        make_scheduler("pndm", config)
+
+
 @pytest.mark.parametrize("name,overrides", [
     ("ddim", {"clip_sample": True}), ("ddpm", {"clip_sample": True}),
     ("ddim", {"set_alpha_to_one": True}), ("pndm", {"set_alpha_to_one": True}),
@@ -220,7 +244,7 @@ def test_to_dict_round_trip_with_diffusers(name, preset):
 @pytest.mark.parametrize("key,value", [
     ("beta_schedule", "squaredcos_cap_v2"), ("prediction_type", "sample"), ("timestep_spacing", "karras"),
     ("skip_prk_steps", False), ("variance_type", "fixed_large"), ("trained_betas", [0.1, 0.2]),
-    ("thresholding", True), ("rescale_betas_zero_snr", True),
+    ("thresholding", True),
 ])
 def test_unsupported_config_values_raise(hub, key, value):
     with pytest.raises(ValueError, match=key) as err:

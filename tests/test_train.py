@@ -266,6 +266,19 @@ def test_snr_gamma_reaches_the_loss(data, tmp_path):
     assert weighted[1] < 0.9 * plain[1]  # the same batch: min(SNR, 5) / SNR <= 1 weighs every example down or not at all
 
 
+def test_zero_snr_trains_v_prediction_and_saves_the_schedule(data, tmp_path):
+    plain = run(data, tmp_path / "plain", "--max-steps", "1")
+    zsnr = run(data, tmp_path / "zsnr", "--max-steps", "1", "--zero-snr")
+    assert abs(zsnr[1] - plain[1]) > 0.05 * plain[1]  # the same batch, another target (v)
+    final = tmp_path / "zsnr" / "final"
+    config = json.loads((final / "scheduler" / "scheduler_config.json").read_text())
+    assert config["rescale_betas_zero_snr"] is True and config["prediction_type"] == "v_prediction"
+    assert config["timestep_spacing"] == "trailing" and config["_class_name"] == "DDIMScheduler"
+    assert json.loads((final / "model_index.json").read_text())["scheduler"] == ["diffusers", "DDIMScheduler"]
+    assert json.loads((final / "sampling.json").read_text())["scheduler"] == "ddim"
+    assert sorted(run(data, tmp_path / "zsnr", "--max-steps", "2", "--resume")) == [1, 2]  # the schedule resumes
+
+
 def test_lr_schedule_and_ema():
     assert training.lr_factor(0, 4, 100, "cosine") == 0.25 and training.lr_factor(3, 4, 100, "cosine") == 1
     assert training.lr_factor(52, 4, 100, "cosine") == pytest.approx(0.5)
