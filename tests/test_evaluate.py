@@ -270,29 +270,29 @@ def test_script_errors(tmp_path, capsys):
     assert "--seeds must be at least 2" in capsys.readouterr().err
 
 
-def test_embedded_default_draws_the_side_it_is_asked_for(reader):
-    """The default model's text control in small (README table in full): a large left and a large right
-    effusion, 4 samples each at 10 DDIM steps, as the phantom reader sees them."""
+@pytest.fixture(scope="module")
+def default_sd():
     if not script.DEFAULT_WEIGHTS.exists():
         pytest.skip("no embedded default model in this checkout")
     from minroentgen.pipeline import StableDiffusion
-    sd = StableDiffusion.from_pretrained(script.DEFAULT_WEIGHTS)
+    return StableDiffusion.from_pretrained(script.DEFAULT_WEIGHTS)
+
+
+def test_embedded_default_draws_the_side_it_is_asked_for(reader, default_sd):
+    """The default model's text control in small (README table in full): a large left and a large right
+    effusion, 4 samples each at 10 DDIM steps, as the phantom reader sees them."""
     for side in ("left", "right"):
-        prob, _ = E.read(reader, E.resize(E.generate(sd, f"Large {side} pleural effusion.", 4, 0, steps=10), 128))
+        prob, _ = E.read(reader, E.resize(E.generate(default_sd, f"Large {side} pleural effusion.", 4, 0, steps=10), 128))
         present = prob["present"][:, E.P.FINDINGS.index("pleural_effusion")] > 0.5
         on_side = prob["effusion_side"].argmax(1) == E.R.HEADS["effusion_side"].index(side)
         assert (present & on_side).sum() >= 3, (side, prob["effusion_side"])
 
 
-def test_embedded_default_adds_no_device_beside_a_pneumothorax(reader):
+def test_embedded_default_adds_no_device_beside_a_pneumothorax(reader, default_sd):
     """Eight samples of a small left pneumothorax at the default's own settings: the finding drawn on the asked
     side, and at most one read with anything else. The stage-5 default (SD's noise schedule) drew no tracheal
     air column and was read with a tube in 3 of these 8 (README: 42% beside pneumothoraces); zero terminal SNR
     (weights/README.md, stage 6) fixed it."""
-    if not script.DEFAULT_WEIGHTS.exists():
-        pytest.skip("no embedded default model in this checkout")
-    from minroentgen.pipeline import StableDiffusion
-    sd = StableDiffusion.from_pretrained(script.DEFAULT_WEIGHTS)
-    prob, _ = E.read(reader, E.resize(E.generate(sd, "Small left pneumothorax.", 8, 0), 128))
+    prob, _ = E.read(reader, E.resize(E.generate(default_sd, "Small left pneumothorax.", 8, 0), 128))
     counts = E.judge(prob, {"pneumothorax": {"side": "left", "size": "small"}})
     assert counts["place"] >= 7 and counts["unprompted"] <= 1, counts
