@@ -282,7 +282,8 @@ def test_embedded_default_draws_the_side_it_is_asked_for(reader, default_sd):
     """The default model's text control in small (README table in full): a large left and a large right
     effusion, 4 samples each at 10 DDIM steps, as the phantom reader sees them."""
     for side in ("left", "right"):
-        prob, _ = E.read(reader, E.resize(E.generate(default_sd, f"Large {side} pleural effusion.", 4, 0, steps=10), 128))
+        images = E.generate(default_sd, f"Large {side} pleural effusion.", 4, 0, steps=10)
+        prob, _ = E.read(reader, E.resize(images, 128))
         present = prob["present"][:, E.P.FINDINGS.index("pleural_effusion")] > 0.5
         on_side = prob["effusion_side"].argmax(1) == E.R.HEADS["effusion_side"].index(side)
         assert (present & on_side).sum() >= 3, (side, prob["effusion_side"])
