@@ -81,6 +81,10 @@ def parse_args(argv=None):
     a("--text-dropout", type=float, default=0.1, help="probability of training on the empty prompt, so that "
       "classifier-free guidance keeps a matching unconditional model (default 0.1: Stable Diffusion v1 was "
       "trained with 10%% text dropping, per its model card; the RoentGen paper does not say)")
+    a("--text-augment", type=float, default=0.0, help="probability that a report sentence gets a random "
+      "vocabulary word inserted, two words swapped or its words shuffled (EDA, Wei & Zou 2019): teaches the text "
+      "encoder to read findings from their words, not one word order, and to pass over words it never saw "
+      "(default 0: the reports as written, as in the paper)")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="autocast dtype; weights "
       "stay fp32 (default auto: bf16 on CUDA as in the paper, fp32 on CPU); fp16 uses a gradient scaler")
     a("--gradient-checkpointing", action="store_true",
@@ -110,8 +114,8 @@ def parse_args(argv=None):
             p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         p.error(f"--snr-gamma must be positive, got {args.snr_gamma}")
-    if not 0 <= args.text_dropout <= 1 or not 0 <= args.ema_decay < 1:
-        p.error("--text-dropout must be in [0, 1] and --ema-decay in [0, 1)")
+    if not 0 <= args.text_dropout <= 1 or not 0 <= args.text_augment <= 1 or not 0 <= args.ema_decay < 1:
+        p.error("--text-dropout and --text-augment must be in [0, 1] and --ema-decay in [0, 1)")
     return args
 
 
@@ -220,7 +224,7 @@ def train(args, device, world, rank):
     f = sd.vae.config.downsample_factor
     latent_shape = (sd.vae.config.latent_channels, args.resolution // f, args.resolution // f)
     data = T.PositionDataset(dataset, sd.tokenizer, args.seed, latent_shape,
-                             scheduler.config.num_train_timesteps, args.text_dropout)
+                             scheduler.config.num_train_timesteps, args.text_dropout, args.text_augment)
     sampler = T.StepSampler(start, micro, accumulation, world, rank)
     batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=args.num_workers,
                                                pin_memory=device.type == "cuda"))

@@ -81,6 +81,10 @@ class CLIPTokenizer:
         self._tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True)
                                             for t in (BOS, EOS, pad_token)])
 
+    def vocabulary(self) -> list:
+        """Every token of the vocabulary (word-final ones end in "</w>"), special tokens included."""
+        return list(self._tokenizer.get_vocab())
+
     @classmethod
     def default(cls):
         """CLIP's vocabulary as shipped with the package, padded like SD v1 (<|endoftext|>, 77 tokens)."""

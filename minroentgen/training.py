@@ -8,7 +8,8 @@ and regress the UNet's output on z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps ag
 
 Randomness is a function of the sample's position in the training stream, not of the process that
 draws it: position p = 0, 1, 2, ... is dataset index perm_e[p mod N] of epoch e = p // N, and its
-timestep, noise, posterior sample and text-dropout coin come from a generator seeded with (seed, p).
+timestep, noise, posterior sample, text-dropout coin and text augmentation come from a generator seeded
+with (seed, p).
 Step s consumes positions [s G, (s+1) G) of a global batch G, split into fixed slices per process and
 micro-batch. So a resumed run needs only the step number, and one process or many, with or without
 gradient accumulation, see the same samples with the same noise and average the same G losses.
@@ -17,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import replace
@@ -66,12 +68,15 @@ class PositionDataset(torch.utils.data.Dataset):
     """Position p -> the example at dataset index perm_{p // N}[p % N] and all of its random draws:
     {"index", "pixel_values" (3, R, R), "input_ids" (77,), "timestep" (), "noise" and "posterior_eps"
     (C, h, w)}. With probability `text_dropout` the report is replaced by "" (Ho & Salimans 2022,
-    classifier-free guidance: the model also learns the unconditional prediction)."""
+    classifier-free guidance: the model also learns the unconditional prediction); otherwise each of
+    its sentences is augmented with probability `text_augment` (see augment_report)."""
 
     def __init__(self, dataset, tokenizer, seed: int, latent_shape: tuple, num_train_timesteps: int,
-                 text_dropout: float):
+                 text_dropout: float, text_augment: float = 0.0):
         self.dataset, self.tokenizer, self.seed = dataset, tokenizer, seed
         self.latent_shape, self.T, self.text_dropout = latent_shape, num_train_timesteps, text_dropout
+        self.text_augment = text_augment
+        self.words = vocabulary_words(tokenizer) if text_augment else []
         self._perm = (None, None)  # (epoch, permutation) of the last epoch asked for
 
     def index(self, p: int) -> int:
@@ -88,9 +93,42 @@ class PositionDataset(torch.utils.data.Dataset):
         noise = torch.randn(self.latent_shape, generator=g)
         posterior_eps = torch.randn(self.latent_shape, generator=g)
         example = self.dataset[i]
-        report = "" if drop else example["report"]
+        report = "" if drop else augment_report(example["report"], self.text_augment, g, self.words)
         return {"index": i, "pixel_values": example["pixel_values"], "input_ids": self.tokenizer([report])[0],
                 "timestep": t, "noise": noise, "posterior_eps": posterior_eps}
+
+
+def vocabulary_words(tokenizer: CLIPTokenizer) -> list:
+    """The whole words of the tokenizer's vocabulary in plain letters, 3 or more (CLIP: about 30,000), sorted."""
+    return sorted(w[:-4] for w in tokenizer.vocabulary()
+                  if w.endswith("</w>") and w[:-4].isascii() and w[:-4].isalpha() and len(w) > 6)
+
+
+def augment_report(report: str, p: float, g: torch.Generator, words: list) -> str:
+    """Easy data augmentation of the text (EDA, Wei & Zou 2019), one sentence at a time so that a finding
+    keeps its side, size and zone: with probability p a sentence gets one of a random vocabulary word
+    inserted, two of its words swapped, or its words shuffled. The text encoder then reads a finding from
+    the words of its sentence rather than from one fixed word order, and learns to pass over words it was
+    never taught ("Signs of pulmonary edema."). p = 0 returns the report unchanged and draws nothing."""
+    if not p:
+        return report
+    out = []
+    for sentence in re.split(r"(?<=[.!?])\s+", report.strip()):
+        w, end = (sentence[:-1], sentence[-1]) if sentence[-1:] in ".!?" else (sentence, "")
+        w = w.split()
+        if w and torch.rand((), generator=g) < p:
+            op = int(torch.randint(3, (), generator=g))
+            if op == 0:  # random insertion
+                word = words[int(torch.randint(len(words), (), generator=g))]
+                w.insert(int(torch.randint(len(w) + 1, (), generator=g)), word)
+            elif op == 1:  # random swap
+                a, b = torch.randint(len(w), (2,), generator=g).tolist()
+                w[a], w[b] = w[b], w[a]
+            else:  # shuffle
+                w = [w[k] for k in torch.randperm(len(w), generator=g).tolist()]
+            sentence = " ".join(w) + end
+        out.append(sentence)
+    return " ".join(out)
 
 
 class StepSampler:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import sample
 import train
 from minroentgen import phantom, training
+from minroentgen.data import ImageReportDataset, read_pairs
 from minroentgen.pipeline import StableDiffusion
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,6 +280,51 @@ def test_zero_snr_trains_v_prediction_and_saves_the_schedule(data, tmp_path):
     assert sorted(run(data, tmp_path / "zsnr", "--max-steps", "2", "--resume")) == [1, 2]  # the schedule resumes
 
 
+REPORT = "Small left pleural effusion. The heart is enlarged. Right internal jugular line, tip in the SVC. No pneumothorax."
+
+
+def sentences(report: str) -> list:
+    return [s.rstrip(".").split() for s in report.split(". ")]
+
+
+def test_text_augment_changes_words_within_sentences_only():
+    words = training.vocabulary_words(training.CLIPTokenizer.default())
+    assert len(words) > 20000 and "heart" in words and all(w.isascii() and w.isalpha() for w in words)
+    g = torch.Generator().manual_seed(0)
+    assert training.augment_report(REPORT, 0.0, g, words) == REPORT
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())  # p = 0 draws nothing
+    kinds, changed = set(), 0
+    for seed in range(100):
+        out = training.augment_report(REPORT, 0.5, torch.Generator().manual_seed(seed), words)
+        assert out.endswith(".") and len(sentences(out)) == 4
+        for before, after in zip(sentences(REPORT), sentences(out)):
+            if after == before:
+                continue
+            changed += 1
+            if len(after) == len(before) + 1:  # one vocabulary word inserted, the others in order
+                extra = next(i for i in range(len(after)) if after[:i] + after[i + 1:] == before)
+                kinds.add("insert") if after[extra] in words else pytest.fail(f"{after[extra]} inserted")
+            else:
+                assert sorted(after) == sorted(before)  # a finding keeps its side, size and zone
+                kinds.add("swap" if sum(a != b for a, b in zip(after, before)) == 2 else "shuffle")
+    assert kinds == {"insert", "swap", "shuffle"} and 0.3 < changed / 400 < 0.5
+
+
+def test_text_augment_changes_only_the_text_of_a_training_example(data):
+    tokenizer = training.CLIPTokenizer.default()
+    dataset = ImageReportDataset(read_pairs(data), 32, tokenizer)
+    plain, aug = (training.PositionDataset(dataset, tokenizer, 0, (4, 4, 4), 1000, 0.0, p) for p in (0.0, 1.0))
+    a, b = plain[3], aug[3]
+    assert not torch.equal(a["input_ids"], b["input_ids"])
+    assert all(torch.equal(a[k], b[k]) for k in ("timestep", "noise", "posterior_eps", "pixel_values"))
+
+
+def test_text_augment_reaches_the_loss(data, tmp_path):
+    plain, aug = run(data, tmp_path / "plain", "--max-steps", "1"), run(data, tmp_path / "aug", "--max-steps", "1",
+                                                                         "--text-augment", "1")
+    assert aug[1] != plain[1]  # the same images, noise and timesteps; other token ids
+
+
 def test_lr_schedule_and_ema():
     assert training.lr_factor(0, 4, 100, "cosine") == 0.25 and training.lr_factor(3, 4, 100, "cosine") == 1
     assert training.lr_factor(52, 4, 100, "cosine") == pytest.approx(0.5)
@@ -304,6 +350,7 @@ def test_lr_schedule_and_ema():
     (["--data", "BAD", "--init", "tiny"], "no usable image-report pair"),
     (["--data", "DATA", "--weights", "missing-weights"], "missing-weights"),
     (["--data", "DATA", "--init", "tiny", "--snr-gamma", "0"], "--snr-gamma must be positive"),
+    (["--data", "DATA", "--init", "tiny", "--text-augment", "1.5"], "--text-augment must be in [0, 1]"),
 ])
 def test_bad_input_gets_a_one_line_error(extra, says, data, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
