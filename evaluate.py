@@ -10,6 +10,7 @@ and the mean pairwise MS-SSIM of one prompt's samples beside the same figure for
   python evaluate.py --weights runs/tiny/final --seeds 4 --limit 10 --steps 20
   python evaluate.py --real                            # real phantoms in place of samples: the judge's baseline
   python evaluate.py --reconstruct                     # real phantoms through the model's VAE: its ceiling
+  python evaluate.py --prompts docs/blind_prompts.json --seeds 8   # another prompt set
 
 Writes OUT/table.md, OUT/grid.png (prompts x samples) and OUT/results.json.
 """
@@ -48,6 +49,9 @@ def parse_args(argv=None):
     a("--scheduler", choices=["pndm", "ddim", "ddpm"], help="sampler (default: the weights' scheduler, else pndm)")
     a("--size", type=int, help="with --real: the phantoms' side in pixels (default 128); otherwise the "
       "samples' side (default: the model's size). Everything is judged at the reader's 128x128")
+    a("--prompts", type=Path, metavar="FILE", help="judge the prompts of a JSON file instead of the built-in set: "
+      '{"wording": NAME, "prompts": [[text, labels], ...]} with phantom labels, e.g. docs/blind_prompts.json '
+      "(paraphrases written by someone who saw neither the report writer nor the built-in set)")
     a("--limit", type=int, help=f"evaluate only this many prompts, spread evenly over the {len(E.PROMPTS)} ({len(E.PROMPTS) // 2} with --real; quick runs)")
     a("--heldout", type=int, default=1000, help="held-out phantoms for the FID reference (default 1000)")
     a("--reader", type=Path, default=R.WEIGHTS, help="phantom reader weights (default weights/phantom_reader.safetensors)")
@@ -87,9 +91,14 @@ def main(argv=None):
         sys.exit(f"evaluate.py: error: no phantom reader at {args.reader}: run `python -m minroentgen.reader --train`")
     if args.real:
         torch.set_num_threads(1)  # only the small reader runs: one thread is faster (see reader.py)
+    try:
+        prompts = E.load_prompts(args.prompts) if args.prompts else E.PROMPTS
+    except ValueError as e:
+        sys.exit(f"evaluate.py: error: {e}")
     sd = None if args.real else load_model(args)
     phantoms = args.real or args.reconstruct  # phantoms read no text: one wording
-    prompts = [p for p in E.PROMPTS if p.wording == "trained"] if phantoms else E.PROMPTS
+    if phantoms and not args.prompts:
+        prompts = [p for p in prompts if p.wording == "trained"]
     prompts = E.spread(prompts, args.limit) if args.limit else prompts
     settings = {"steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler}
     if sd is not None:

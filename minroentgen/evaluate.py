@@ -14,6 +14,7 @@ import textwrap
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -164,6 +165,37 @@ def _prompts() -> list:
 
 
 PROMPTS = _prompts()  # 31 label sets x 2 wordings
+
+
+def load_prompts(path) -> list:
+    """A prompt set from a JSON file {"wording": name, "prompts": [[text, labels], ...]}, labels in
+    phantom's format (e.g. docs/blind_prompts.json). Raises ValueError, naming the entry, on bad input."""
+    want = '{"wording": NAME, "prompts": [["Small left pneumothorax.", {"pneumothorax": {"side": "left", ...}}], ...]}'
+    try:
+        data = json.loads(Path(path).read_text())
+        pairs, wording = list(data["prompts"]), str(data.get("wording", Path(path).stem))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read prompts from {path} ({e!r}); want {want}") from None
+    for k, pair in enumerate(pairs):
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and check_labels(pair[1])):
+            raise ValueError(f"{path}: prompt {k} is not [text, labels] with phantom labels: {pair!r}; want {want}")
+    return [Prompt(text, labels, next(iter(labels), "normal"), wording) for text, labels in pairs]
+
+
+def check_labels(labels) -> bool:
+    """Whether `labels` is a label dict phantom could draw: known findings, each with exactly the attributes
+    the reader judges (side, size, zone; a list of devices for support devices) and values it knows."""
+    if not isinstance(labels, dict) or not set(labels) <= set(P.FINDINGS):
+        return False
+    for name, attrs in labels.items():
+        allowed = {"devices": P.DEVICES} if name == "support_devices" else \
+            {a: R.HEADS[h] for h, (f, a) in R.OF.items() if f == name}
+        if not isinstance(attrs, dict) or set(attrs) != set(allowed):
+            return False
+        for a, v in attrs.items():
+            if not ((isinstance(v, list) and v and set(v) <= set(allowed[a])) if a == "devices" else v in allowed[a]):
+                return False
+    return True
 
 
 def spread(prompts: list, k: int) -> list:

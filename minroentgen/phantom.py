@@ -385,28 +385,33 @@ def generate(n: int, size: int = 256, seed: int = 0):
 
 
 def _write_one(job):
-    out, name, seed, k, size = job
+    out, name, seed, k, size, reports = job
     ph = make(seed, k, size)
     Image.fromarray(ph.image).save(out / name)
-    return name, ph.report, json.dumps(ph.labels)
+    more = np.random.default_rng([seed, k, 1])  # the further reports of one study: a stream of their own
+    texts = [ph.report] + [write_report(ph.labels, more) for _ in range(reports - 1)]
+    return [(name, text, json.dumps(ph.labels)) for text in texts]
 
 
-def write_dataset(out: Path, n: int, size: int = 256, seed: int = 0, workers: int = 1):
-    """PNGs in out/images and out/reports.csv (image relative to the CSV, report, labels as JSON).
-    Byte-identical for a given (n, size, seed), whatever the number of workers."""
+def write_dataset(out: Path, n: int, size: int = 256, seed: int = 0, workers: int = 1, reports: int = 1):
+    """PNGs in out/images and out/reports.csv (image relative to the CSV, report, labels as JSON), with
+    `reports` rows per image, each its own wording of the same labels (as if several radiologists read
+    the study; the first is make()'s). Byte-identical for given arguments, whatever the number of workers."""
     check_size(size)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(n - 1)))
-    jobs = [(out, f"images/{k:0{width}d}.png", seed, k, size) for k in range(n)]
+    jobs = [(out, f"images/{k:0{width}d}.png", seed, k, size, reports) for k in range(n)]
     with open(out / "reports.csv", "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image", "report", "labels"])
         if workers > 1:
             with multiprocessing.Pool(workers) as pool:
-                writer.writerows(tqdm(pool.imap(_write_one, jobs, chunksize=8), total=n, desc="phantoms"))
+                rows = tqdm(pool.imap(_write_one, jobs, chunksize=8), total=n, desc="phantoms")
+                writer.writerows(row for rows_of_one in rows for row in rows_of_one)
         else:
-            writer.writerows(tqdm(map(_write_one, jobs), total=n, desc="phantoms"))
+            writer.writerows(row for rows_of_one in tqdm(map(_write_one, jobs), total=n, desc="phantoms")
+                             for row in rows_of_one)
 
 
 GRID = [("normal", {}), ("normal (another patient)", {}),
@@ -452,6 +457,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="data set seed; same seed, same bytes (default 0)")
     ap.add_argument("--workers", type=int, default=multiprocessing.cpu_count(),
                     help="processes rendering in parallel; does not change the output (default: all cores)")
+    ap.add_argument("--reports", type=int, default=1, metavar="K",
+                    help="rows per image, each a different report of the same findings (default 1)")
     ap.add_argument("--grid", type=Path, metavar="PATH", help="write the labelled grid of findings to PATH instead")
     a = ap.parse_args(argv)
     try:
@@ -459,10 +466,10 @@ def main(argv=None):
             write_grid(a.grid, a.size, a.seed)
         elif a.out is None:
             ap.error("give --out DIR (or --grid PATH)")
-        elif a.n < 1 or a.seed < 0 or a.workers < 1:
-            ap.error("--n and --workers must be >= 1 and --seed >= 0")
+        elif a.n < 1 or a.seed < 0 or a.workers < 1 or a.reports < 1:
+            ap.error("--n, --workers and --reports must be >= 1 and --seed >= 0")
         else:
-            write_dataset(a.out, a.n, a.size, a.seed, a.workers)
+            write_dataset(a.out, a.n, a.size, a.seed, a.workers, a.reports)
     except ValueError as e:
         sys.exit(f"error: {e}")
 

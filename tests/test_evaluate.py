@@ -2,6 +2,7 @@
 baseline, and evaluate.py end to end on a tiny random-weight model."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from minroentgen import evaluate as E
 from minroentgen import phantom as P
 from minroentgen import phantom_reports as PR
 from minroentgen import reader as R
+
+BLIND = Path(__file__).resolve().parents[1] / "docs" / "blind_prompts.json"
 
 
 @pytest.fixture(autouse=True)
@@ -129,14 +132,15 @@ def test_unseen_wordings_are_never_written_by_phantom():
     texts = normalise(" ".join(reports))
     unseen = [p for p in E.PROMPTS if p.wording == "unseen"]
     trained = [p for p in E.PROMPTS if p.wording == "trained"]
+    blind = E.load_prompts(BLIND)
     assert len(unseen) == len(trained) == 31 and len({p.text for p in E.PROMPTS}) == 62
-    for p in unseen:
+    for p in unseen + blind:
         assert normalise(p.text) not in texts, p.text
     # every template the writer has, filled with every attribute value it can give, is a different sentence
     every = {normalise(PR.fill(t, dict(side=si, size=sz, zone=z)))
              for ts in [*PR.SAY.values(), *PR.NEGATE.values(), PR.NORMAL] for t in ts
              for si in ("left", "right", "bilateral") for sz in ("small", "moderate", "large") for z in P.ZONES}
-    assert not {normalise(p.text) for p in unseen} & every
+    assert not {normalise(p.text) for p in unseen + blind} & every
     assert sum(normalise(p.text) in sentences for p in trained) >= 25  # the trained ones do occur in reports
     assert all(normalise(p.text) in every for p in trained)
 
@@ -158,6 +162,30 @@ def test_prompt_labels_are_phantom_labels():
     R.targets([p.labels for p in E.PROMPTS])  # the reader's targets accept them
     covered = {json.dumps(p.labels, sort_keys=True) for p in E.PROMPTS}
     assert len(covered) == 31  # 9 effusions, 4 pneumothoraces, 4 consolidations, 8 nodules, 3 devices, 3 more
+
+
+def test_prompt_files(tmp_path):
+    blind = E.load_prompts(BLIND)  # the blind set: every finding, phantom labels throughout
+    assert len(blind) == 25 and {p.wording for p in blind} == {"blind"}
+    assert {p.group for p in blind} == set(P.FINDINGS) | {"normal"}
+    R.targets([p.labels for p in blind])
+    assert all(E.check_labels(p.labels) for p in E.PROMPTS)
+    bad = [{"effusion": {}}, {"pleural_effusion": {"side": "left"}}, {"pneumothorax": {"side": "up", "size": "small"}},
+           {"nodule": {"zone": "left upper", "size": "moderate"}}, {"support_devices": {"devices": []}},
+           {"support_devices": {"devices": ["stent"]}}, {"cardiomegaly": {"size": "large"}}, [], "normal"]
+    assert not any(E.check_labels(b) for b in bad)
+    files = [("[1, 2", "cannot read prompts"), ('{"items": []}', "cannot read prompts"),
+             ('{"prompts": [["Edema.", {"edema": {}}], ["Big heart."]]}', "prompt 1 is not"),
+             ('{"prompts": [["Edema.", {"oedema": {}}]]}', "prompt 0 is not")]
+    for k, (content, match) in enumerate(files):
+        (tmp_path / f"{k}.json").write_text(content)
+        with pytest.raises(ValueError, match=match):
+            E.load_prompts(tmp_path / f"{k}.json")
+    with pytest.raises(ValueError, match="cannot read prompts from .*nowhere"):
+        E.load_prompts(tmp_path / "nowhere.json")
+    (tmp_path / "ok.json").write_text('{"prompts": [["Edema.", {"edema": {}}], ["Clear.", {}]]}')
+    assert [(p.text, p.group, p.wording) for p in E.load_prompts(tmp_path / "ok.json")] == [
+        ("Edema.", "edema", "ok"), ("Clear.", "normal", "ok")]
 
 
 def test_judge_counts():
@@ -262,9 +290,20 @@ def test_reconstruct_judges_phantoms_through_the_models_vae(reader, tmp_path, ca
     assert "exclude each other" in capsys.readouterr().err
 
 
+def test_script_takes_a_prompt_file(reader, tmp_path, capsys):
+    run_script(["--prompts", str(BLIND), "--real", "--limit", "3", "--seeds", "2", "--heldout", "8",
+                "--out", str(tmp_path / "eval")], capsys)
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [r["text"] for r in res["prompts"]] == [p.text for p in E.spread(E.load_prompts(BLIND), 3)]
+    assert {g["wording"] for g in res["groups"]} == {"blind"} and "| blind |" in (tmp_path / "eval" / "table.md").read_text()
+
+
 def test_script_errors(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no weights at .*nowhere"):
         run_script(["--weights", str(tmp_path / "nowhere")], capsys)
+    (tmp_path / "bad.json").write_text('{"prompts": [["Edema."]]}')
+    with pytest.raises(SystemExit, match="prompt 0 is not"):
+        run_script(["--prompts", str(tmp_path / "bad.json"), "--real"], capsys)
     with pytest.raises(SystemExit):
         run_script(["--seeds", "1"], capsys)
     assert "--seeds must be at least 2" in capsys.readouterr().err

@@ -59,6 +59,21 @@ def test_no_two_normal_phantoms_alike():
             assert np.abs(imgs[i] - imgs[j]).mean() > 5
 
 
+def test_several_reports_per_image(tmp_path):
+    """--reports K: K rows per image, the same labels in K wordings; the first is the one-report data set's."""
+    P.write_dataset(tmp_path / "one", 12, 64, seed=0, workers=1)
+    P.write_dataset(tmp_path / "three", 12, 64, seed=0, workers=2, reports=3)
+    one, three = (list(csv.DictReader(open(tmp_path / d / "reports.csv", newline=""))) for d in ("one", "three"))
+    assert len(three) == 36 and len(list((tmp_path / "three" / "images").iterdir())) == 12
+    assert three[::3] == one
+    for k in range(12):
+        rows = three[3 * k: 3 * k + 3]
+        assert len({(r["image"], r["labels"]) for r in rows}) == 1
+    assert sum(len({r["report"] for r in three[3 * k: 3 * k + 3]}) > 1 for k in range(12)) >= 9
+    a, b = read_tree(tmp_path / "one"), read_tree(tmp_path / "three")
+    assert all(a[k] == b[k] for k in a if k.endswith(".png"))
+
+
 def test_csv_format(tmp_path):
     P.write_dataset(tmp_path, 40, 64, seed=0, workers=1)
     with open(tmp_path / "reports.csv", newline="") as f:
@@ -207,8 +222,9 @@ def test_support_devices_where_expected():
 
 # ----------------------------------------------------------------------------- reports
 
-WORDS = {"pleural_effusion": "effusion", "pneumothorax": "pneumothorax", "cardiomegaly": "cardiomegaly|heart|cardiac",
-         "consolidation": "consolidation|opacity", "edema": "edema", "nodule": "nodul",
+WORDS = {"pleural_effusion": "effusion|fluid", "pneumothorax": "pneumothorax",
+         "cardiomegaly": "cardiomegaly|heart|cardiac", "consolidation": "consolidation|opaci|airspace|pneumonia|infiltrate",
+         "edema": "edema", "nodule": "nodul",
          "endotracheal_tube": "endotracheal|ET tube", "central_venous_line": "central", "pacemaker": "pacemaker"}
 
 
