@@ -14,6 +14,7 @@ brightness like film: 1 - exp(-k D). Bright = dense (bone, heart, fluid); dark =
     python -m minroentgen.phantom --grid docs/phantoms.png
 """
 import argparse
+import contextlib
 import csv
 import json
 import multiprocessing
@@ -402,16 +403,13 @@ def write_dataset(out: Path, n: int, size: int = 256, seed: int = 0, workers: in
     (out / "images").mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(n - 1)))
     jobs = [(out, f"images/{k:0{width}d}.png", seed, k, size, reports) for k in range(n)]
-    with open(out / "reports.csv", "w", newline="") as f:
+    with open(out / "reports.csv", "w", newline="") as f, \
+            (multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image", "report", "labels"])
-        if workers > 1:
-            with multiprocessing.Pool(workers) as pool:
-                rows = tqdm(pool.imap(_write_one, jobs, chunksize=8), total=n, desc="phantoms")
-                writer.writerows(row for rows_of_one in rows for row in rows_of_one)
-        else:
-            writer.writerows(row for rows_of_one in tqdm(map(_write_one, jobs), total=n, desc="phantoms")
-                             for row in rows_of_one)
+        done = pool.imap(_write_one, jobs, chunksize=8) if pool else map(_write_one, jobs)
+        for rows in tqdm(done, total=n, desc="phantoms"):  # one image's rows, in order
+            writer.writerows(rows)
 
 
 GRID = [("normal", {}), ("normal (another patient)", {}),
