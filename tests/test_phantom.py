@@ -66,10 +66,9 @@ def test_several_reports_per_image(tmp_path):
     one, three = (list(csv.DictReader(open(tmp_path / d / "reports.csv", newline=""))) for d in ("one", "three"))
     assert len(three) == 36 and len(list((tmp_path / "three" / "images").iterdir())) == 12
     assert three[::3] == one
-    for k in range(12):
-        rows = three[3 * k: 3 * k + 3]
-        assert len({(r["image"], r["labels"]) for r in rows}) == 1
-    assert sum(len({r["report"] for r in three[3 * k: 3 * k + 3]}) > 1 for k in range(12)) >= 9
+    per_image = [three[3 * k: 3 * k + 3] for k in range(12)]
+    assert all(len({(r["image"], r["labels"]) for r in rows}) == 1 for rows in per_image)
+    assert sum(len({r["report"] for r in rows}) > 1 for rows in per_image) >= 9
     a, b = read_tree(tmp_path / "one"), read_tree(tmp_path / "three")
     assert all(a[k] == b[k] for k in a if k.endswith(".png"))
 
