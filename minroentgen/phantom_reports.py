@@ -34,7 +34,8 @@ SAY = {
                         "A {size} effusion is present on the {side}, slightly increased compared with the prior exam.",
                         "Pleural effusion, {side}, {size}.",
                         "{size} pleural effusion tracking along the {side} lateral chest wall.",
-                        "Pleural effusion within the {side} hemithorax, which is {size} and new since the prior radiograph.",
+                        "Pleural effusion within the {side} hemithorax, which is {size} and new since the prior "
+                        "radiograph.",
                         "Effusion on the {side} side is {size}, without mediastinal shift.",
                         "A {size} pleural effusion is again seen at the base of the {side} lung."],
     "bilateral_effusion": ["{size} bilateral pleural effusions.", "Bilateral {size} effusions.",

@@ -255,7 +255,8 @@ def test_reports_never_contradict_labels():
                 hits = [s for s in sents if re.search(WORDS[key], s, re.I) and s not in negated]
                 assert hits, (labels, report)
                 side = attrs.get("side", "")
-                want = [w for w in (side if side != "bilateral" else "bilateral|both|left and right|right and left", attrs.get("size"),
+                both = "bilateral|both|left and right|right and left"
+                want = [w for w in (side if side != "bilateral" else both, attrs.get("size"),
                                     *attrs.get("zone", "").split()) if w]
                 assert any(all(re.search(w, s, re.I) for w in want) for s in hits), (labels, report)
                 if side in ("left", "right"):  # every sentence naming the finding names its side, never the other
