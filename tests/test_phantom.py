@@ -273,3 +273,8 @@ def test_report_variety_for_one_label_set():
     assert len(firsts) >= 4 and any("costophrenic" in r for r in reports)
     normals = {PR.write_report({}, rng) for _ in range(200)}
     assert sum(any(n in r for r in normals) for n in PR.NORMAL) >= 4
+
+
+def test_no_template_written_twice():
+    for name, options in [*PR.SAY.items(), *PR.NEGATE.items(), ("normal", PR.NORMAL)]:
+        assert len(set(options)) == len(options), name
