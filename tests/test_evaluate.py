@@ -16,6 +16,7 @@ from minroentgen import phantom_reports as PR
 from minroentgen import reader as R
 
 BLIND = Path(__file__).resolve().parents[1] / "docs" / "blind_prompts.json"
+BLIND2 = BLIND.with_name("blind_prompts2.json")  # a second blind set, written before stage 10 was sampled
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +133,7 @@ def test_unseen_wordings_are_never_written_by_phantom():
     texts = normalise(" ".join(reports))
     unseen = [p for p in E.PROMPTS if p.wording == "unseen"]
     trained = [p for p in E.PROMPTS if p.wording == "trained"]
-    blind = E.load_prompts(BLIND)
+    blind = E.load_prompts(BLIND) + E.load_prompts(BLIND2)
     assert len(unseen) == len(trained) == 31 and len({p.text for p in E.PROMPTS}) == 62
     for p in unseen + blind:
         assert normalise(p.text) not in texts, p.text
@@ -169,6 +170,9 @@ def test_prompt_files(tmp_path):
     assert len(blind) == 25 and {p.wording for p in blind} == {"blind"}
     assert {p.group for p in blind} == set(P.FINDINGS) | {"normal"}
     R.targets([p.labels for p in blind])
+    blind2 = E.load_prompts(BLIND2)  # every finding but cardiomegaly (its 3 were sentences the writer has)
+    assert len(blind2) == 29 and {p.group for p in blind2} == set(P.FINDINGS) - {"cardiomegaly"} | {"normal"}
+    R.targets([p.labels for p in blind2])
     assert all(E.check_labels(p.labels) for p in E.PROMPTS)
     bad = [{"effusion": {}}, {"pleural_effusion": {"side": "left"}}, {"pneumothorax": {"side": "up", "size": "small"}},
            {"nodule": {"zone": "left upper", "size": "moderate"}}, {"support_devices": {"devices": []}},
