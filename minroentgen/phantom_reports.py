@@ -4,12 +4,13 @@ Each finding has a dozen or more paraphrases in real report phrasing (word order
 hedges, the side before or after the noun; most written by a helper who never saw evaluate.py's unseen
 prompts, so that those stay a test of wording the model was not taught); a report states every finding present
 (side, size, zone filled in from the labels, so it can never contradict them), negates a few absent
-ones ("No pneumothorax."), uses a normal-study phrase when nothing but devices is present, and varies
+ones ("No pneumothorax."), sometimes lists two or three devices in one sentence, uses a normal-study phrase when nothing but devices is present, and varies
 the sentence order, as radiologists do.
 """
 import numpy as np
 
-# Paraphrases per finding; {side} {size} {zone} come from the labels, so a sentence cannot contradict them.
+# Paraphrases per finding; {side} {size} {zone} come from the labels, so a sentence cannot contradict them
+# (for a nodule or consolidation {side} and {end} name its zone another way: "left upper" = the left apex).
 SAY = {
     "pleural_effusion": ["{size} {side} pleural effusion.", "{Side}-sided effusion, {size}.",
                          "There is a {size} {side} pleural effusion.", "{size} {side} effusion.",
@@ -127,15 +128,23 @@ SAY = {
                       "Dense consolidation with air bronchograms is seen in the {zone} lobe.",
                       "Ill-defined opacity in the {zone} lung, which may represent pneumonia.",
                       "Consolidation of the {zone} lung.",
-                      "Airspace consolidation in the {zone} lung field.",
+                      "Consolidation of the airspaces is seen in the {zone} lung field.",
                       "Lobar consolidation involving the {zone} lobe.",
                       "Focal airspace opacity in the {zone} zone, compatible with pneumonia.",
                       "Consolidation is present within the {zone} lung field, with air bronchograms.",
                       "In the {zone} lung there is focal airspace consolidation.",
                       "{zone} lung zone consolidation, suspicious for infection.",
-                      "Airspace consolidation, {zone} lobe, likely pneumonia.",
+                      "Consolidation of the airspaces, {zone} lobe, likely pneumonia.",
                       "Focal airspace opacity projecting over the {zone} lung, which may reflect pneumonia.",
-                      "The {zone} lobe is consolidated, consistent with lobar pneumonia."],
+                      "The {zone} lobe is consolidated, consistent with lobar pneumonia.",
+                      "Consolidation at the {side} {end}.", "Airspace opacity at the {side} lung {end}, likely pneumonia.",
+                      "{Side} {end} consolidation, concerning for pneumonia.",
+                      "Patchy airspace disease in the {side} {end}.",
+                      "There is consolidation at the {side} lung {end}.",
+                      "{Side} {end}: focal airspace consolidation.",
+                      "Hazy opacity projecting over the {side} {end}, which may reflect pneumonia.",
+                      "Pneumonia at the {side} {end}.",
+                      "New consolidative opacity in the {side} lung {end}."],
     "edema": ["Pulmonary edema.", "Bilateral perihilar haziness, consistent with pulmonary edema.",
               "Findings consistent with pulmonary edema.", "Perihilar opacities suggesting pulmonary edema.",
               "Mild pulmonary edema.", "Findings are compatible with pulmonary edema.",
@@ -171,7 +180,11 @@ SAY = {
                             "Peripherally inserted central catheter with its tip in the lower SVC.",
                             "Interval placement of a central venous line with tip at the SVC.",
                             "Subclavian central venous catheter terminates in the superior vena cava.",
-                            "Tunneled central catheter is present, tip in satisfactory position."],
+                            "Tunneled central catheter is present, tip in satisfactory position.",
+                            "Left subclavian central line, tip in the SVC.",
+                            "Right IJ central line terminating in the lower SVC.",
+                            "A left internal jugular central venous catheter ends at the cavoatrial junction.",
+                            "Right subclavian central venous catheter in standard position."],
     "pacemaker": ["Left-sided pacemaker with leads in the heart.", "Cardiac pacemaker in place.",
                   "Dual-lead pacemaker.", "Dual-lead pacemaker in place.",
                   "Pacemaker generator projects over the anterior chest wall.",
@@ -181,7 +194,12 @@ SAY = {
                   "Transvenous pacemaker leads are seen, unchanged in position.",
                   "Pacemaker/ICD device is again seen.",
                   "Evidence of a chest wall pacemaker generator with intact leads.",
-                  "Implanted pacemaker device with leads in stable position."],
+                  "Implanted pacemaker device with leads in stable position.",
+                  "Pacemaker leads project over the right atrium and right ventricle.",
+                  "Right-sided pacemaker with a single lead in the right ventricle.",
+                  "Dual-chamber pacer with atrial and ventricular leads.",
+                  "Pacemaker with its lead tip projecting over the right ventricle.",
+                  "Left pectoral pacemaker generator, leads unchanged in the right heart."],
     "nodule": ["{size} nodule in the {zone} lobe.", "A {size} {zone} lobe nodule.",
                "{zone} zone nodular opacity, {size}.", "There is a {size} pulmonary nodule in the {zone} zone.",
                "There is a {size} pulmonary nodule in the {zone} lobe.", "A {size} {zone} lobe nodule is noted.",
@@ -209,8 +227,25 @@ SAY = {
                "{zone} lung nodule, which measures {size}.",
                "The {zone} lobe contains a rounded opacity of {size} size, compatible with a pulmonary nodule.",
                "Lung nodule seen in the {zone} lung zone on the frontal view, {size} by measurement.",
-               "Nodule of {size} dimension is identified at the {zone} lung, well circumscribed."],
+               "Nodule of {size} dimension is identified at the {zone} lung, well circumscribed.",
+               "{size} nodule at the {side} {end}.", "A {size} pulmonary nodule at the {side} lung {end}.",
+               "{Side} {end}: {size} rounded nodule.", "{size} nodular opacity at the {side} lung {end}.",
+               "There is a {size} nodule projecting over the {side} {end}.",
+               "Nodule at the {side} {end}, {size}, recommend CT.",
+               "{Side} {end} nodule, {size}.",
+               "A {size} well-defined nodule is seen at the {side} lung {end}.",
+               "Pulmonary nodule of {size} size at the {side} {end}.",
+               "{size} spiculated mass-like nodule in the {side} lung {end}."],
 }
+# Device names for one sentence that lists two or three devices ("Support devices: ETT and central line.").
+DEVICE_NAMES = {"endotracheal_tube": ["endotracheal tube", "ET tube", "ETT"],
+                "central_venous_line": ["central venous line", "right IJ central line", "left subclavian central line",
+                                        "central venous catheter", "right subclavian central line"],
+                "pacemaker": ["pacemaker", "dual-lead pacemaker", "left chest wall pacemaker", "cardiac pacer"]}
+DEVICE_LISTS = ["Support devices: {list}.", "Lines and tubes: {list}, in standard position.", "{List} in place.",
+                "Support devices including {list} are unchanged.", "Stable position of the {list}.",
+                "Interval placement of {list}.", "Devices: {list}, each in expected position.",
+                "The {list} are in satisfactory position."]
 NEGATE = {  # said only of findings that are absent
     "pleural_effusion": ["No pleural effusion.", "No effusion.", "No pleural effusions are seen.",
                          "Costophrenic angles are clear without effusion.", "No evidence of pleural fluid."],
@@ -246,7 +281,13 @@ def write_report(labels: dict, rng: np.random.Generator) -> str:
     said = []
     for name, attrs in labels.items():
         if name == "support_devices":
-            said += [pick(rng, SAY[d]) for d in attrs["devices"]]
+            devices = attrs["devices"]
+            if len(devices) > 1 and rng.random() < 0.5:  # all in one sentence
+                names = [pick(rng, DEVICE_NAMES[d]) for d in rng.permutation(devices)]
+                listed = ", ".join(names[:-1]) + " and " + names[-1]
+                said.append(pick(rng, DEVICE_LISTS).format(list=listed, List=listed[0].upper() + listed[1:]))
+            else:
+                said += [pick(rng, SAY[d]) for d in devices]
             continue
         key = name
         if name == "pleural_effusion":
@@ -273,6 +314,7 @@ def pick(rng, options: list) -> str:
 
 def fill(template: str, attrs: dict) -> str:
     zone = attrs.get("zone", "")
-    text = template.format(side=attrs.get("side", ""), Side=attrs.get("side", "").capitalize(),
-                           size=attrs.get("size", ""), zone=zone)
+    side, level = zone.split() if zone else (attrs.get("side", ""), "")
+    end = {"upper": "apex", "lower": "base"}.get(level, "")  # "nodule at the left apex" = zone "left upper"
+    text = template.format(side=side, Side=side.capitalize(), size=attrs.get("size", ""), zone=zone, end=end)
     return text[0].upper() + text[1:]

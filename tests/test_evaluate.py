@@ -17,6 +17,7 @@ from minroentgen import reader as R
 
 BLIND = Path(__file__).resolve().parents[1] / "docs" / "blind_prompts.json"
 BLIND2 = BLIND.with_name("blind_prompts2.json")  # a second blind set, written before stage 10 was sampled
+BLIND3 = BLIND.with_name("blind_prompts3.json")  # a third, written before stage 11 was trained; 5 name two findings
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +134,7 @@ def test_unseen_wordings_are_never_written_by_phantom():
     texts = normalise(" ".join(reports))
     unseen = [p for p in E.PROMPTS if p.wording == "unseen"]
     trained = [p for p in E.PROMPTS if p.wording == "trained"]
-    blind = E.load_prompts(BLIND) + E.load_prompts(BLIND2)
+    blind = E.load_prompts(BLIND) + E.load_prompts(BLIND2) + E.load_prompts(BLIND3)
     assert len(unseen) == len(trained) == 31 and len({p.text for p in E.PROMPTS}) == 62
     for p in unseen + blind:
         assert normalise(p.text) not in texts, p.text
@@ -173,6 +174,10 @@ def test_prompt_files(tmp_path):
     blind2 = E.load_prompts(BLIND2)  # every finding but cardiomegaly (its 3 were sentences the writer has)
     assert len(blind2) == 29 and {p.group for p in blind2} == set(P.FINDINGS) - {"cardiomegaly"} | {"normal"}
     R.targets([p.labels for p in blind2])
+    blind3 = E.load_prompts(BLIND3)  # every finding; 5 with two findings
+    assert len(blind3) == 32 and {p.group for p in blind3} == set(P.FINDINGS) | {"normal"}
+    assert sum(len(p.labels) == 2 for p in blind3) == 5
+    R.targets([p.labels for p in blind3])
     assert all(E.check_labels(p.labels) for p in E.PROMPTS)
     bad = [{"effusion": {}}, {"pleural_effusion": {"side": "left"}}, {"pneumothorax": {"side": "up", "size": "small"}},
            {"nodule": {"zone": "left upper", "size": "moderate"}}, {"support_devices": {"devices": []}},

@@ -224,7 +224,7 @@ def test_support_devices_where_expected():
 WORDS = {"pleural_effusion": "effusion|fluid", "pneumothorax": "pneumothorax",
          "cardiomegaly": "cardiomegaly|heart|cardiac", "consolidation": "consolidation|opaci|airspace|pneumonia|infiltrate",
          "edema": "edema", "nodule": "nodul",
-         "endotracheal_tube": "endotracheal|ET tube", "central_venous_line": "central", "pacemaker": "pacemaker"}
+         "endotracheal_tube": "endotracheal|ET tube|ETT", "central_venous_line": "central", "pacemaker": "pacemaker|pacer"}
 
 
 def sentences(report):
@@ -256,8 +256,9 @@ def test_reports_never_contradict_labels():
                 assert hits, (labels, report)
                 side = attrs.get("side", "")
                 both = "bilateral|both|left and right|right and left"
-                want = [w for w in (side if side != "bilateral" else both, attrs.get("size"),
-                                    *attrs.get("zone", "").split()) if w]
+                place = {"upper": "upper|apex", "lower": "lower|base"}  # a zone is a lobe or the apex/base
+                want = [place.get(w, w) for w in (side if side != "bilateral" else both, attrs.get("size"),
+                                                  *attrs.get("zone", "").split()) if w]
                 assert any(all(re.search(w, s, re.I) for w in want) for s in hits), (labels, report)
                 if side in ("left", "right"):  # every sentence naming the finding names its side, never the other
                     wrong = "right" if side == "left" else "left"
