@@ -4,8 +4,8 @@ Each finding has a dozen or more paraphrases in real report phrasing (word order
 hedges, the side before or after the noun; most written by a helper who never saw evaluate.py's unseen
 prompts, so that those stay a test of wording the model was not taught); a report states every finding present
 (side, size, zone filled in from the labels, so it can never contradict them), negates a few absent
-ones ("No pneumothorax."), sometimes lists two or three devices in one sentence, uses a normal-study phrase when nothing but devices is present, and varies
-the sentence order, as radiologists do.
+ones ("No pneumothorax."), sometimes lists two or three devices in one sentence, uses a normal-study
+phrase when nothing but devices is present, and varies the sentence order, as radiologists do.
 """
 import numpy as np
 
