@@ -242,7 +242,7 @@ DEVICE_NAMES = {"endotracheal_tube": ["endotracheal tube", "ET tube", "ETT"],
                 "central_venous_line": ["central venous line", "right IJ central line", "left subclavian central line",
                                         "central venous catheter", "right subclavian central line"],
                 "pacemaker": ["pacemaker", "dual-lead pacemaker", "left chest wall pacemaker", "cardiac pacer"]}
-DEVICE_LISTS = ["Support devices: {list}.", "Lines and tubes: {list}, in standard position.", "{List} in place.",
+DEVICE_LISTS = ["Support devices: {list}.", "Lines and tubes: {list}, in standard position.", "{list} in place.",
                 "Support devices including {list} are unchanged.", "Stable position of the {list}.",
                 "Interval placement of {list}.", "Devices: {list}, each in expected position.",
                 "The {list} are in satisfactory position."]
@@ -285,7 +285,7 @@ def write_report(labels: dict, rng: np.random.Generator) -> str:
             if len(devices) > 1 and rng.random() < 0.5:  # all in one sentence
                 names = [pick(rng, DEVICE_NAMES[d]) for d in rng.permutation(devices)]
                 listed = ", ".join(names[:-1]) + " and " + names[-1]
-                said.append(pick(rng, DEVICE_LISTS).format(list=listed, List=listed[0].upper() + listed[1:]))
+                said.append(capitalise(pick(rng, DEVICE_LISTS).format(list=listed)))
             else:
                 said += [pick(rng, SAY[d]) for d in devices]
             continue
@@ -316,5 +316,8 @@ def fill(template: str, attrs: dict) -> str:
     zone = attrs.get("zone", "")
     side, level = zone.split() if zone else (attrs.get("side", ""), "")
     end = {"upper": "apex", "lower": "base"}.get(level, "")  # "nodule at the left apex" = zone "left upper"
-    text = template.format(side=side, Side=side.capitalize(), size=attrs.get("size", ""), zone=zone, end=end)
-    return text[0].upper() + text[1:]
+    return capitalise(template.format(side=side, Side=side.capitalize(), size=attrs.get("size", ""), zone=zone, end=end))
+
+
+def capitalise(sentence: str) -> str:
+    return sentence[0].upper() + sentence[1:]
