@@ -267,7 +267,8 @@ def judge(prob: dict, labels: dict) -> dict:
     support devices are read. present: every asked finding (and asked device) read; place/size: the
     side or zone / size head agrees, counted among the present; unprompted: anything read that was not
     asked, support devices included (a device no one asked for is a failure of text control too);
-    unprompted_by: how many samples read each unasked finding or device."""
+    unprompted_by: how many samples read each unasked finding or device; missed_by: how many lacked each
+    asked one."""
     found = prob["present"] > 0.5  # (N, 7)
     device = (prob["devices"] > 0.5) & found[:, [P.FINDINGS.index("support_devices")]]  # (N, 3)
     asked_f = torch.tensor([f in labels for f in P.FINDINGS])
@@ -278,7 +279,10 @@ def judge(prob: dict, labels: dict) -> dict:
          "unprompted": int((extra_f.any(1) | extra_d.any(1)).sum()),
          "unprompted_by": {name: int(k)  # which ones: the devices by name
                            for name, k in zip(P.FINDINGS + P.DEVICES, torch.cat([extra_f, extra_d], 1).sum(0))
-                           if k and name != "support_devices"}}
+                           if k and name != "support_devices"},
+         "missed_by": {name: int(k)  # which asked finding or device (of several) went missing
+                       for name, k in zip(P.FINDINGS + P.DEVICES, torch.cat([~found & asked_f, ~device & asked_d], 1).sum(0))
+                       if k and name != "support_devices"}}
     for kind, attrs in (("place", ("side", "zone")), ("size", ("size",))):
         heads = [h for h, (f, a) in R.OF.items() if f in labels and a in attrs]
         ok = present.clone()

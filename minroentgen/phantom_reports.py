@@ -4,9 +4,13 @@ Each finding has a dozen or more paraphrases in real report phrasing (word order
 hedges, the side before or after the noun; most written by a helper who never saw evaluate.py's unseen
 prompts, so that those stay a test of wording the model was not taught); a report states every finding present
 (side, size, zone filled in from the labels, so it can never contradict them), negates a few absent
-ones ("No pneumothorax."), sometimes lists two or three devices in one sentence, uses a normal-study
-phrase when nothing but devices is present, and varies the sentence order, as radiologists do.
+ones ("No pneumothorax.", "No effusion or edema.", "..., without pulmonary edema."), sometimes lists two
+or three devices in one sentence, uses a normal-study phrase when nothing but devices is present, and
+varies the sentence order, the words for a size ("trace", "3 cm") and shorthand ("R PTX", "LLL"), as
+radiologists do.
 """
+import re
+
 import numpy as np
 
 # Paraphrases per finding; {side} {size} {zone} come from the labels, so a sentence cannot contradict them
@@ -237,6 +241,20 @@ SAY = {
                "Pulmonary nodule of {size} size at the {side} {end}.",
                "{size} spiculated mass-like nodule in the {side} lung {end}."],
 }
+# Other words for a size, in a quarter of the sentences that state one ("trace" only of fluid or air).
+SIZES = {"pleural_effusion": {"small": ["trace", "tiny", "minimal"], "moderate": ["medium-sized", "moderate-volume"],
+                              "large": ["massive", "very large", "large-volume"]},
+         "pneumothorax": {"small": ["trace", "tiny", "minimal"], "large": ["very large", "moderate to large"]},
+         "nodule": {"small": ["tiny", "subcentimeter", "5 mm", "7 mm"], "large": ["sizable", "3 cm", "4 cm"]}}
+# Shorthand, in some sentences: "trace R PTX", "LLL consolidation", "L IJ CVC" (each rule half the time).
+SHORT = [(r"\b(right|left) (upper|lower) lobe\b", lambda m: f"{m[1][0]}{m[2][0]}L".upper()),
+         (r"\bpneumothorax\b", "PTX"), (r"\b(right|left)(?=[ -][a-z])", lambda m: m[1][0].upper()),
+         (r"\bendotracheal tube\b", "ETT"), (r"\bcentral venous (line|catheter)\b", "CVC"),
+         (r"\binternal jugular\b", "IJ"), (r"\bsuperior vena cava\b", "SVC")]
+# Absent findings named in a list: "No effusion or pneumothorax." or "..., without pulmonary edema."
+NOUNS = {"pleural_effusion": ["pleural effusion", "effusion", "pleural fluid"], "pneumothorax": ["pneumothorax", "PTX"],
+         "cardiomegaly": ["cardiomegaly", "cardiac enlargement"], "edema": ["pulmonary edema", "edema"],
+         "consolidation": ["focal consolidation", "consolidation", "pneumonia"], "nodule": ["nodules", "suspicious nodule"]}
 # Device names for one sentence that lists two or three devices ("Support devices: ETT and central line.").
 DEVICE_NAMES = {"endotracheal_tube": ["endotracheal tube", "ET tube", "ETT"],
                 "central_venous_line": ["central venous line", "right IJ central line", "left subclavian central line",
@@ -294,18 +312,27 @@ def write_report(labels: dict, rng: np.random.Generator) -> str:
             key = "bilateral_effusion" if attrs["side"] == "bilateral" else name
             if attrs["size"] == "small" and rng.random() < 0.3:
                 key = "small_" + key.replace("pleural_effusion", "effusion")
+        if "size" in attrs and rng.random() < 0.25:
+            attrs = {**attrs, "size": pick(rng, SIZES[name][attrs["size"]])}
         said.append(fill(pick(rng, SAY[key]), attrs))
     rng.shuffle(said)
     if not set(labels) - {"support_devices"}:
         said.insert(int(rng.integers(len(said) + 1)), pick(rng, NORMAL))
-    absent = [n for n in NEGATE if n not in labels]
-    negs = [pick(rng, NEGATE[n]) for n in rng.permutation(absent)[: int(rng.integers(0, 3))]]
-    if "No pleural effusion." in negs and "No pneumothorax." in negs:
-        negs = [n for n in negs if n not in ("No pleural effusion.", "No pneumothorax.")] + ["No pleural effusion or pneumothorax."]
-    said = said + negs
+    absent = list(rng.permutation([n for n in NEGATE if n not in labels])[: int(rng.integers(0, 3))])
+    negs = [pick(rng, NEGATE[n]) for n in absent]
+    if absent and rng.random() < 0.4:  # named together, in a sentence of their own or after a finding's
+        nouns = [pick(rng, NOUNS[n]) for n in absent]
+        nouns = nouns[0] if len(nouns) == 1 else ", ".join(nouns[:-1]) + " or " + nouns[-1]
+        negs = [f"No {nouns}."]
+        plain = [k for k, sentence in enumerate(said) if " without " not in sentence and sentence not in NORMAL]
+        if plain and rng.random() < 0.5:
+            k = pick(rng, plain)
+            said[k], negs = said[k][:-1] + pick(rng, [" without {}.", ", no {}.", "; no {}."]).format(nouns), []
+    said = [shorten(s, rng) if s not in NORMAL and rng.random() < 0.15 else s for s in said + negs]
     if rng.random() < 0.3:
         rng.shuffle(said)
-    return " ".join(said)
+    prefix = pick(rng, ["IMPRESSION: ", "Impression: "]) if rng.random() < 0.1 else ""
+    return prefix + " ".join(said)
 
 
 def pick(rng, options: list) -> str:
@@ -317,6 +344,13 @@ def fill(template: str, attrs: dict) -> str:
     side, level = zone.split() if zone else (attrs.get("side", ""), "")
     end = {"upper": "apex", "lower": "base"}.get(level, "")  # "nodule at the left apex" = zone "left upper"
     return capitalise(template.format(side=side, Side=side.capitalize(), size=attrs.get("size", ""), zone=zone, end=end))
+
+
+def shorten(sentence: str, rng) -> str:
+    for pattern, short in SHORT:
+        if rng.random() < 0.5:
+            sentence = re.sub(pattern, short, sentence, flags=re.I)
+    return sentence
 
 
 def capitalise(sentence: str) -> str:

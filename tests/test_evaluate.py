@@ -18,6 +18,7 @@ from minroentgen import reader as R
 BLIND = Path(__file__).resolve().parents[1] / "docs" / "blind_prompts.json"
 BLIND2 = BLIND.with_name("blind_prompts2.json")  # a second blind set, written before stage 10 was sampled
 BLIND3 = BLIND.with_name("blind_prompts3.json")  # a third, written before stage 11 was trained; 5 name two findings
+BLIND4 = BLIND.with_name("blind_prompts4.json")  # a fourth, written before stage 12 was trained; 15 name two
 
 
 @pytest.fixture(autouse=True)
@@ -134,7 +135,7 @@ def test_unseen_wordings_are_never_written_by_phantom():
     texts = normalise(" ".join(reports))
     unseen = [p for p in E.PROMPTS if p.wording == "unseen"]
     trained = [p for p in E.PROMPTS if p.wording == "trained"]
-    blind = E.load_prompts(BLIND) + E.load_prompts(BLIND2) + E.load_prompts(BLIND3)
+    blind = E.load_prompts(BLIND) + E.load_prompts(BLIND2) + E.load_prompts(BLIND3) + E.load_prompts(BLIND4)
     assert len(unseen) == len(trained) == 31 and len({p.text for p in E.PROMPTS}) == 62
     for p in unseen + blind:
         assert normalise(p.text) not in texts, p.text
@@ -178,6 +179,10 @@ def test_prompt_files(tmp_path):
     assert len(blind3) == 32 and {p.group for p in blind3} == set(P.FINDINGS) | {"normal"}
     assert sum(len(p.labels) == 2 for p in blind3) == 5
     R.targets([p.labels for p in blind3])
+    blind4 = E.load_prompts(BLIND4)  # every finding; 15 with two findings (or a finding and a device)
+    assert len(blind4) == 46 and {p.group for p in blind4} == set(P.FINDINGS) | {"normal"}
+    assert sum(len(p.labels) == 2 for p in blind4) == 15 and len({p.text for p in blind4}) == 46
+    R.targets([p.labels for p in blind4])
     assert all(E.check_labels(p.labels) for p in E.PROMPTS)
     bad = [{"effusion": {}}, {"pleural_effusion": {"side": "left"}}, {"pneumothorax": {"side": "up", "size": "small"}},
            {"nodule": {"zone": "left upper", "size": "moderate"}}, {"support_devices": {"devices": []}},
@@ -213,8 +218,13 @@ def test_judge_counts():
     c = E.judge(prob([0, 0, 0, 0, 0, 1, 0], (1, 0, 1)), dev)
     assert c["unprompted"] == 1 and c["unprompted_by"] == {"endotracheal_tube": 1}  # an ETT no one asked for
     assert E.judge(prob([0, 0, 0, 0, 0, 1, 0], (0, 0, 1)), dev)["present"] == 1
+    two = {"edema": {}, "support_devices": {"devices": ["endotracheal_tube", "pacemaker"]}}
+    c = E.judge(prob([0, 0, 0, 0, 1, 1, 0], (1, 0, 0)), two)  # edema and the ETT drawn, the pacemaker missing
+    assert (c["present"], c["missed_by"], c["unprompted"]) == (0, {"pacemaker": 1}, 0)
+    assert E.judge(prob([0, 0, 0, 0, 0, 0, 0], (1, 0, 1)), two)["missed_by"] == {"edema": 1, "endotracheal_tube": 1,
+                                                                                "pacemaker": 1}  # no device head counts
     assert E.judge(prob([0, 0, 0, 0, 0, 0, 0], (1, 1, 1)), {}) == dict(n=1, present=None, unprompted=0,
-        unprompted_by={}, place=None, place_of=None, size=None, size_of=None)  # no devices read: none counted
+        unprompted_by={}, missed_by={}, place=None, place_of=None, size=None, size_of=None)  # no devices read: none counted
     c = E.judge(prob([0, 0, 0, 0, 1, 1, 1], (1, 1, 0)), {})  # edema, nodule, ETT and CVL in a normal study
     assert c["unprompted"] == 1 and c["unprompted_by"] == {"edema": 1, "nodule": 1, "endotracheal_tube": 1,
                                                            "central_venous_line": 1}

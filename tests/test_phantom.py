@@ -224,10 +224,18 @@ def test_support_devices_where_expected():
 WORDS = {"pleural_effusion": "effusion|fluid", "pneumothorax": "pneumothorax",
          "cardiomegaly": "cardiomegaly|heart|cardiac", "consolidation": "consolidation|opaci|airspace|pneumonia|infiltrate",
          "edema": "edema", "nodule": "nodul",
-         "endotracheal_tube": "endotracheal|ET tube|ETT", "central_venous_line": "central", "pacemaker": "pacemaker|pacer"}
+         "endotracheal_tube": "endotracheal|ET tube|ETT", "central_venous_line": "central|CVC", "pacemaker": "pacemaker|pacer"}
+
+
+SIZE_WORDS = {"small": "small|tiny|trace|minimal|subcentimeter|mm", "moderate": "moderate|medium",
+              "large": "large|sizable|massive|cm"}
 
 
 def sentences(report):
+    """The report's sentences, shorthand spelled out ("R PTX" = right pneumothorax, "LLL" = left lower lobe)."""
+    report = re.sub(r"^IMPRESSION: |^Impression: ", "", report).replace("PTX", "pneumothorax")
+    report = re.sub(r"\b([RL])([UL])L\b", lambda m: f"{m[1]} {dict(U='upper', L='lower')[m[2]]} lobe", report)
+    report = re.sub(r"\b[RL]\b", lambda m: dict(R="right", L="left")[m[0]], report)
     return [s.strip() + "." for s in report.split(".") if s.strip()]
 
 
@@ -257,7 +265,7 @@ def test_reports_never_contradict_labels():
                 side = attrs.get("side", "")
                 both = "bilateral|both|left and right|right and left"
                 place = {"upper": "upper|apex", "lower": "lower|base"}  # a zone is a lobe or the apex/base
-                want = [place.get(w, w) for w in (side if side != "bilateral" else both, attrs.get("size"),
+                want = [place.get(w, w) for w in (side if side != "bilateral" else both, SIZE_WORDS.get(attrs.get("size")),
                                                   *attrs.get("zone", "").split()) if w]
                 assert any(all(re.search(w, s, re.I) for w in want) for s in hits), (labels, report)
                 if side in ("left", "right"):  # every sentence naming the finding names its side, never the other
