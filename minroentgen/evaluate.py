@@ -275,14 +275,13 @@ def judge(prob: dict, labels: dict) -> dict:
     asked_d = torch.tensor([d in labels.get("support_devices", {}).get("devices", []) for d in P.DEVICES])
     present = found[:, asked_f].all(1) & device[:, asked_d].all(1)
     extra_f, extra_d = found & ~asked_f, device & ~asked_d
+
+    def by_name(f, d):  # samples per finding or device, the devices by name
+        return {name: int(k) for name, k in zip(P.FINDINGS + P.DEVICES, torch.cat([f, d], 1).sum(0))
+                if k and name != "support_devices"}
     c = {"n": len(found), "present": int(present.sum()) if labels else None,
-         "unprompted": int((extra_f.any(1) | extra_d.any(1)).sum()),
-         "unprompted_by": {name: int(k)  # which ones: the devices by name
-                           for name, k in zip(P.FINDINGS + P.DEVICES, torch.cat([extra_f, extra_d], 1).sum(0))
-                           if k and name != "support_devices"},
-         "missed_by": {name: int(k)  # which asked finding or device (of several) went missing
-                       for name, k in zip(P.FINDINGS + P.DEVICES, torch.cat([~found & asked_f, ~device & asked_d], 1).sum(0))
-                       if k and name != "support_devices"}}
+         "unprompted": int((extra_f.any(1) | extra_d.any(1)).sum()), "unprompted_by": by_name(extra_f, extra_d),
+         "missed_by": by_name(~found & asked_f, ~device & asked_d)}
     for kind, attrs in (("place", ("side", "zone")), ("size", ("size",))):
         heads = [h for h, (f, a) in R.OF.items() if f in labels and a in attrs]
         ok = present.clone()
