@@ -246,7 +246,7 @@ SIZES = {"pleural_effusion": {"small": ["trace", "tiny", "minimal"], "moderate":
                               "large": ["massive", "very large", "large-volume"]},
          "pneumothorax": {"small": ["trace", "tiny", "minimal"], "large": ["very large", "moderate to large"]},
          "nodule": {"small": ["tiny", "subcentimeter", "5 mm", "7 mm"], "large": ["sizable", "3 cm", "4 cm"]}}
-# Shorthand, in some sentences: "trace R PTX", "LLL consolidation", "L IJ CVC" (each rule half the time).
+# Shorthand, in some sentences: "trace R PTX", "LLL consolidation", "L IJ CVC" (lobes always, the rest half the time).
 SHORT = [(r"\b(right|left) (upper|lower) lobe\b", lambda m: f"{m[1][0]}{m[2][0]}L".upper()),
          (r"\bpneumothorax\b", "PTX"), (r"\b(right|left)(?=[ -][a-z])", lambda m: m[1][0].upper()),
          (r"\bendotracheal tube\b", "ETT"), (r"\bcentral venous (line|catheter)\b", "CVC"),
@@ -312,23 +312,25 @@ def write_report(labels: dict, rng: np.random.Generator) -> str:
             key = "bilateral_effusion" if attrs["side"] == "bilateral" else name
             if attrs["size"] == "small" and rng.random() < 0.3:
                 key = "small_" + key.replace("pleural_effusion", "effusion")
-        if "size" in attrs and rng.random() < 0.25:
-            attrs = {**attrs, "size": pick(rng, SIZES[name][attrs["size"]])}
+        if "size" in attrs and rng.random() < 0.25:  # not "trace bilateral": blind set 2 has that prompt
+            words = [w for w in SIZES[name][attrs["size"]] if attrs.get("side") != "bilateral" or w != "trace"]
+            attrs = {**attrs, "size": pick(rng, words)}
         said.append(fill(pick(rng, SAY[key]), attrs))
     rng.shuffle(said)
     if not set(labels) - {"support_devices"}:
         said.insert(int(rng.integers(len(said) + 1)), pick(rng, NORMAL))
     absent = list(rng.permutation([n for n in NEGATE if n not in labels])[: int(rng.integers(0, 3))])
     negs = [pick(rng, NEGATE[n]) for n in absent]
-    if absent and rng.random() < 0.4:  # named together, in a sentence of their own or after a finding's
+    if absent and rng.random() < 0.5:  # named together, in a sentence of their own or after a finding's
         nouns = [pick(rng, NOUNS[n]) for n in absent]
         nouns = nouns[0] if len(nouns) == 1 else ", ".join(nouns[:-1]) + " or " + nouns[-1]
         negs = [f"No {nouns}."]
         plain = [k for k, sentence in enumerate(said) if " without " not in sentence and sentence not in NORMAL]
-        if plain and rng.random() < 0.5:
+        if plain and rng.random() < 0.6:
             k = pick(rng, plain)
-            said[k], negs = said[k][:-1] + pick(rng, [" without {}.", ", no {}.", "; no {}."]).format(nouns), []
-    said = [shorten(s, rng) if s not in NORMAL and rng.random() < 0.15 else s for s in said + negs]
+            joint = " without {}." if rng.random() < 0.5 else pick(rng, [", no {}.", "; no {}."])
+            said[k], negs = said[k][:-1] + joint.format(nouns), []
+    said = [shorten(s, rng) if s not in NORMAL and rng.random() < 0.3 else s for s in said + negs]
     if rng.random() < 0.3:
         rng.shuffle(said)
     prefix = pick(rng, ["IMPRESSION: ", "Impression: "]) if rng.random() < 0.1 else ""
@@ -347,8 +349,8 @@ def fill(template: str, attrs: dict) -> str:
 
 
 def shorten(sentence: str, rng) -> str:
-    for pattern, short in SHORT:
-        if rng.random() < 0.5:
+    for k, (pattern, short) in enumerate(SHORT):
+        if k == 0 or rng.random() < 0.5:  # SHORT[0], the lobes: always
             sentence = re.sub(pattern, short, sentence, flags=re.I)
     return sentence
 

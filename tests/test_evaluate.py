@@ -19,6 +19,7 @@ BLIND = Path(__file__).resolve().parents[1] / "docs" / "blind_prompts.json"
 BLIND2 = BLIND.with_name("blind_prompts2.json")  # a second blind set, written before stage 10 was sampled
 BLIND3 = BLIND.with_name("blind_prompts3.json")  # a third, written before stage 11 was trained; 5 name two findings
 BLIND4 = BLIND.with_name("blind_prompts4.json")  # a fourth, written before stage 12 was trained; 15 name two
+BLIND5 = BLIND.with_name("blind_prompts5.json")  # a fifth, written before stage 13 was trained; 13 name two, 2 three
 
 
 @pytest.fixture(autouse=True)
@@ -136,6 +137,7 @@ def test_unseen_wordings_are_never_written_by_phantom():
     unseen = [p for p in E.PROMPTS if p.wording == "unseen"]
     trained = [p for p in E.PROMPTS if p.wording == "trained"]
     blind = E.load_prompts(BLIND) + E.load_prompts(BLIND2) + E.load_prompts(BLIND3) + E.load_prompts(BLIND4)
+    blind += E.load_prompts(BLIND5)
     assert len(unseen) == len(trained) == 31 and len({p.text for p in E.PROMPTS}) == 62
     for p in unseen + blind:
         assert normalise(p.text) not in texts, p.text
@@ -183,6 +185,10 @@ def test_prompt_files(tmp_path):
     assert len(blind4) == 46 and {p.group for p in blind4} == set(P.FINDINGS) | {"normal"}
     assert sum(len(p.labels) == 2 for p in blind4) == 15 and len({p.text for p in blind4}) == 46
     R.targets([p.labels for p in blind4])
+    blind5 = E.load_prompts(BLIND5)  # every finding; 13 with two findings, 2 with three
+    assert len(blind5) == 42 and {p.group for p in blind5} == set(P.FINDINGS) | {"normal"}
+    assert [sum(len(p.labels) == k for p in blind5) for k in (2, 3)] == [13, 2] and len({p.text for p in blind5}) == 42
+    R.targets([p.labels for p in blind5])
     assert all(E.check_labels(p.labels) for p in E.PROMPTS)
     bad = [{"effusion": {}}, {"pleural_effusion": {"side": "left"}}, {"pneumothorax": {"side": "up", "size": "small"}},
            {"nodule": {"zone": "left upper", "size": "moderate"}}, {"support_devices": {"devices": []}},
