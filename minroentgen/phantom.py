@@ -3,12 +3,10 @@
 Offline stand-in for MIMIC-CXR: image-report pairs whose labels say exactly which findings are
 shown and where, so a text-to-image model can be trained and checked on a CPU. Not part of the model.
 
-Geometry lives in normalised *patient* coordinates (u, v), both about [-1, 1]:
-  u: horizontal; u > 0 is the PATIENT'S LEFT, which (radiological convention: the viewer faces
-     the patient) is drawn on the IMAGE'S RIGHT. `SIDE_SIGN["left"] == +1` encodes this once.
-  v: vertical, top of the image at -1, feet at +1.
-The picture is a density map D (soft tissue ~1, aerated lung ~0.3, bone and metal more) turned into
-brightness like film: 1 - exp(-k D). Bright = dense (bone, heart, fluid); dark = air.
+Geometry lives in normalised *patient* coordinates (u, v) (phantom_anatomy.py: u > 0 is the patient's
+left, drawn on the image's right); the findings are drawn by phantom_findings.py. The picture is a density
+map D (soft tissue ~1, aerated lung ~0.3, bone and metal more) turned into brightness like film:
+1 - exp(-k D). Bright = dense (bone, heart, fluid); dark = air.
 
     python -m minroentgen.phantom --n 10000 --size 256 --out data/phantoms --seed 0
     python -m minroentgen.phantom --grid docs/phantoms.png
@@ -26,9 +24,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from .phantom_anatomy import SIDE_SIGN, Grid, branch, dome, lung_level, sample_patient, soft
+from .phantom_findings import FIND, Layers
 from .phantom_reports import write_report
 
-SIDE_SIGN = {"left": +1.0, "right": -1.0}  # patient's left -> image right (u > 0)
 ZONES = ("right upper", "right lower", "left upper", "left lower")
 DEVICES = ("endotracheal_tube", "central_venous_line", "pacemaker")
 FINDINGS = ("pleural_effusion", "pneumothorax", "cardiomegaly", "consolidation", "edema",
@@ -62,136 +61,7 @@ def sample_labels(rng: np.random.Generator) -> dict:
     return labels
 
 
-# ----------------------------------------------------------------------------- anatomy
-
-@dataclass(frozen=True)
-class Patient:
-    """One patient's anatomy in patient coordinates (drawn before, and independent of, the findings)."""
-    lung_cx: float       # |u| of each lung's centre
-    lung_rx: float       # lung half-width; the inner thorax spans |u| <= lung_cx + lung_rx
-    lung_cy: float       # where the rounded apex ends and the straight lateral walls begin
-    lung_ry: float       # apex height above lung_cy
-    dome_right: float    # top of the right hemidiaphragm (v)
-    dome_left: float     # top of the left one, usually a little lower (larger v)
-    ctr_normal: float    # cardiothoracic ratio of this patient's heart, 0.40-0.50
-    ctr_enlarged: float  # ... and if the label says cardiomegaly, 0.58-0.68
-    body_w: float        # soft-tissue half-width
-    angle: float         # slight rotation (radians)
-    zoom: float
-    shift: tuple         # (du, dv) patient-coordinate offset of the image centre
-    exposure: float      # k in 1 - exp(-k D)
-    gamma: float         # display contrast
-    noise: float         # quantum-mottle standard deviation
-    seed: int            # for vessel trees, texture and mottle
-
-    def thorax_half_width(self) -> float:
-        return self.lung_cx + self.lung_rx
-
-    def heart_half_width(self, labels: dict) -> float:
-        return self.cardiothoracic_ratio(labels) * self.thorax_half_width()
-
-    def cardiothoracic_ratio(self, labels: dict) -> float:
-        return self.ctr_enlarged if "cardiomegaly" in labels else self.ctr_normal
-
-
-def sample_patient(rng: np.random.Generator) -> Patient:
-    u = rng.uniform
-    dome_right = u(0.38, 0.52)
-    return Patient(lung_cx=u(0.40, 0.45), lung_rx=u(0.33, 0.38), lung_cy=u(-0.28, -0.18),
-                   lung_ry=u(0.48, 0.56), dome_right=dome_right, dome_left=dome_right + u(0.0, 0.08),
-                   ctr_normal=u(0.40, 0.50), ctr_enlarged=u(0.58, 0.68), body_w=u(0.88, 1.0),
-                   angle=float(np.deg2rad(u(-4, 4))), zoom=u(0.95, 1.08), shift=(u(-0.04, 0.04), u(-0.04, 0.05)),
-                   exposure=u(0.9, 1.3), gamma=u(0.85, 1.2), noise=u(0.01, 0.03),
-                   seed=int(rng.integers(2**62)))
-
-
-class Grid:
-    """Pixel grid mapped to patient coordinates (with the patient's rotation, zoom and shift)."""
-
-    def __init__(self, size: int, p: Patient):
-        self.size, self.p = size, p
-        self.x = (np.arange(size) + 0.5) / size * 2 - 1  # image columns (and rows), in [-1, 1]
-        x, y = np.meshgrid(self.x, self.x)                # x: left -> right, y: top -> bottom
-        c, s = np.cos(p.angle), np.sin(p.angle)
-        self.u = ((c * x - s * y) / p.zoom + p.shift[0]).astype(np.float32)  # (size, size)
-        self.v = ((s * x + c * y) / p.zoom + p.shift[1]).astype(np.float32)
-        self.px = 2 / size / p.zoom  # one pixel in patient units
-
-    def to_pixels(self, pts: np.ndarray) -> np.ndarray:
-        """(k, 2) patient (u, v) -> (k, 2) pixel (column, row)."""
-        p = self.p
-        a, b = (pts[:, 0] - p.shift[0]) * p.zoom, (pts[:, 1] - p.shift[1]) * p.zoom
-        c, s = np.cos(p.angle), np.sin(p.angle)
-        xy = np.stack([c * a + s * b, -s * a + c * b], axis=1)
-        return (xy + 1) / 2 * self.size - 0.5
-
-    def stroke(self, out: np.ndarray, pts, width: float, value: float):
-        """Draw a polyline (k, 2) into `out`, max-blended, Gaussian cross-section of half-width `width`."""
-        pts = np.asarray(pts, dtype=np.float64)
-        k = len(pts) - 1
-        self.segments(out, pts[:-1], pts[1:], np.full(k, width), np.full(k, value))
-
-    def segments(self, out, a, b, width, value, keep_integral: bool = False):
-        """Draw segments a[i] -> b[i] ((k, 2) each). At low resolution a line stays at least a pixel
-        wide (then dimmed if `keep_integral`, so faint vessels stay faint)."""
-        w = np.maximum(width, 0.8 * self.px)
-        value = value * width / w if keep_integral else value
-        pa, pb = self.to_pixels(a), self.to_pixels(b)
-        margin = (2.5 * w / self.px + 2)[:, None]
-        lo = np.maximum(np.floor(np.minimum(pa, pb) - margin).astype(int), 0)
-        hi = np.minimum(np.ceil(np.maximum(pa, pb) + margin).astype(int), self.size)
-        for (j0, i0), (j1, i1), s, d, wi, vi in zip(lo, hi, a, b - a, w, value):
-            if j1 <= j0 or i1 <= i0:
-                continue
-            du, dv = self.u[i0:i1, j0:j1] - np.float32(s[0]), self.v[i0:i1, j0:j1] - np.float32(s[1])
-            t = np.clip((du * d[0] + dv * d[1]) / max(d @ d, 1e-12), 0, 1)
-            dist2 = (du - t * d[0]) ** 2 + (dv - t * d[1]) ** 2
-            np.maximum(out[i0:i1, j0:j1], vi * np.exp(-dist2 / wi**2), out=out[i0:i1, j0:j1])
-
-    def noise(self, rng: np.random.Generator, cells: int) -> np.ndarray:
-        """Smooth random field, about N(0, 1): a cells x cells lattice over the image, interpolated
-        separably (smoothstep weights, no lattice creases). Same picture at every image size."""
-        lat = rng.standard_normal((cells + 2, cells + 2)).astype(np.float32)
-        f = (self.x + 1.3) / 2.6 * cells
-        i = f.astype(int)
-        t = f - i
-        t = (t * t * (3 - 2 * t)).astype(np.float32)
-        cols = lat[:, i] * (1 - t) + lat[:, i + 1] * t  # (cells + 2, size)
-        return cols[i] * (1 - t)[:, None] + cols[i + 1] * t[:, None]  # (size, size)
-
-
-def soft(x, width):
-    """Soft step: 0 for x << 0, 1 for x >> 0; `width` sets the blur of the edge."""
-    return 0.5 + 0.5 * np.tanh(x / width)
-
-
-def lung_level(g: Grid, p: Patient, s: float, u=None, v=None):
-    """< 1 inside the hemithorax on side s (ignoring heart and mediastinum), 1 on its boundary:
-    a rounded apex on straight lateral walls, floored by that side's hemidiaphragm dome."""
-    u = g.u if u is None else u
-    v = g.v if v is None else v
-    du, dv = (u - s * p.lung_cx) / p.lung_rx, np.minimum(v - p.lung_cy, 0) / p.lung_ry
-    return np.maximum(np.sqrt(du**2 + dv**2), 1 + (v - dome(p, s, u)) / 0.2)
-
-
-def dome(p: Patient, s: float, u):
-    """Hemidiaphragm: a dome peaking mid-lung, falling to the costophrenic angle laterally."""
-    top = p.dome_left if s > 0 else p.dome_right
-    return top + 0.22 * ((u - s * (p.lung_cx - 0.02)) / p.lung_rx) ** 2
-
-
 # ----------------------------------------------------------------------------- rendering
-
-@dataclass
-class Layers:
-    """The (size, size) maps a finding may change."""
-    levels: dict          # side -> lung_level (read only)
-    lungs: dict           # side -> lung-field mask (read only)
-    field: np.ndarray     # how much lung air is subtracted from the soft tissue (fluid, pus fill it in)
-    aerated: np.ndarray   # where vessel markings show (a pneumothorax rim has none)
-    opacity: np.ndarray   # density added by findings
-    bones: np.ndarray     # bone and metal density
-
 
 def render(labels: dict, size: int = 256, rng: np.random.Generator | None = None) -> np.ndarray:
     """Render one PA radiograph showing exactly `labels`; (size, size) uint8.
@@ -263,103 +133,6 @@ def render(labels: dict, size: int = 256, rng: np.random.Generator | None = None
     img = np.clip((img - lo) / (hi - lo), 0, 1) ** p.gamma
     img = img + p.noise * r.standard_normal(img.shape)
     return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
-
-
-def branch(r, start, s, angle, length, width, value, depth, segs):
-    """Vascular tree: a segment from `start`, then two thinner daughters (recursive, `depth` levels),
-    appended to segs as (start, end, width, value). angle 0 points laterally (to side s), < 0 upwards."""
-    end = start + length * np.array([s * np.cos(angle), np.sin(angle)])
-    segs.append((*start, *end, width, value))
-    if depth > 1:
-        for da in (-1, 1):
-            branch(r, end, s, angle + da * r.uniform(0.25, 0.55), length * r.uniform(0.65, 0.85),
-                   width * 0.75, value * 0.8, depth - 1, segs)
-
-
-def effusion(g: Grid, p: Patient, lab: dict, rng, L: Layers):
-    """Dense basal opacity with a meniscus rising laterally, blunting the costophrenic angle."""
-    height = {"small": 0.1, "moderate": 0.32, "large": 0.6}[lab["size"]]
-    for side in (["left", "right"] if lab["side"] == "bilateral" else [lab["side"]]):
-        s = SIDE_SIGN[side]
-        lateral = np.clip((s * g.u - p.lung_cx + p.lung_rx) / (2 * p.lung_rx), 0, 1)
-        top = (p.dome_left if s > 0 else p.dome_right) + 0.12 - height - 0.2 * lateral**2
-        fluid = soft(g.v - top, 0.035) * soft(1.04 - L.levels[side] + 0.3 * soft(g.v - p.dome_right + 0.1, 0.1), 0.02)
-        fluid *= soft(s * g.u - 0.02, 0.02)
-        L.field *= 1 - fluid
-        L.opacity += 0.25 * fluid
-
-
-def pneumothorax(g: Grid, p: Patient, lab: dict, rng, L: Layers):
-    """Lung collapses towards its hilum: a lucent rim without vessels, with a thin visceral pleural line."""
-    s = SIDE_SIGN[lab["side"]]
-    c = {"small": 0.82, "large": 0.6}[lab["size"]]
-    hu, hv = s * 0.22, 0.35
-    Lc = lung_level(g, p, s, hu + (g.u - hu) / c, hv + (g.v - hv) / c)
-    inside = soft(1 - Lc, 0.02)
-    rim = L.lungs[lab["side"]] * (1 - inside)
-    L.aerated *= 1 - rim
-    L.field += 0.2 * rim
-    L.opacity += 0.18 * np.exp(-(((Lc - 1) / (1.2 * g.px / p.lung_rx + 0.006)) ** 2)) * L.lungs[lab["side"]]
-
-
-def cardiomegaly(g: Grid, p: Patient, lab: dict, rng, L: Layers):
-    """Drawn by the heart itself (Patient.heart_half_width reads the label): CTR 0.58-0.68."""
-
-
-def consolidation(g: Grid, p: Patient, lab: dict, rng, L: Layers):
-    """Patchy airspace opacity filling part of one lung zone."""
-    side, zone = lab["zone"].split()
-    s = SIDE_SIGN[side]
-    cu, cv = s * (p.lung_cx + rng.uniform(-0.05, 0.1)), (-0.45 if zone == "upper" else 0.2) + rng.uniform(-0.05, 0.05)
-    blob = np.exp(-(((g.u - cu) / 0.24) ** 2 + ((g.v - cv) / 0.2) ** 2) ** 2)
-    patchy = np.clip(0.8 + 0.35 * g.noise(rng, 16), 0, 1) * blob * L.lungs[side]
-    L.field *= 1 - 0.8 * patchy
-    L.opacity += 0.08 * patchy
-
-
-def edema(g: Grid, p: Patient, lab: dict, rng, L: Layers):
-    """Bilateral perihilar ('bat-wing') haze."""
-    for side, s in SIDE_SIGN.items():
-        haze = np.exp(-(((g.u - s * 0.25) / 0.3) ** 2 + ((g.v + 0.02) / 0.38) ** 2))
-        haze *= np.clip(0.8 + 0.3 * g.noise(rng, 12), 0, 1) * L.lungs[side]
-        L.field *= 1 - 0.6 * haze
-        L.opacity += 0.05 * haze
-
-
-def support_devices(g: Grid, p: Patient, lab: dict, rng, L: Layers):
-    """Metal and radio-opaque lines: brighter than bone."""
-    metal = np.zeros_like(g.u)
-    if "endotracheal_tube" in lab["devices"]:  # in the trachea, tip above the carina
-        g.stroke(metal, [(0.0, -1.3), (0.0, -0.45 + rng.uniform(-0.05, 0.05))], 0.018, 0.9)
-    if "central_venous_line" in lab["devices"]:  # right internal jugular into the SVC (image left)
-        g.stroke(metal, bezier((-0.16, -1.2), (-0.2, -0.7), (-0.07, -0.2 + rng.uniform(-0.05, 0.05))), 0.011, 0.8)
-    if "pacemaker" in lab["devices"]:  # generator below the LEFT clavicle (image right), leads into the heart
-        gu, gv = 0.5 + rng.uniform(-0.05, 0.05), -0.62
-        box = soft(0.1 - np.abs(g.u - gu), 0.012) * soft(0.07 - np.abs(g.v - gv), 0.012)
-        np.maximum(metal, 1.3 * box, out=metal)
-        g.stroke(metal, bezier((gu - 0.05, gv), (0.05, -0.7), (-0.02, 0.12)), 0.01, 0.9)
-        g.stroke(metal, bezier((gu - 0.05, gv), (0.1, -0.5), (0.16, 0.32)), 0.01, 0.9)
-    L.bones += metal
-
-
-def nodule(g: Grid, p: Patient, lab: dict, rng, L: Layers):
-    """Round, well-defined opacity in one lung zone."""
-    side, zone = lab["zone"].split()
-    s = SIDE_SIGN[side]
-    radius = {"small": 0.05, "large": 0.085}[lab["size"]]
-    cu, cv = s * (p.lung_cx + rng.uniform(0.0, 0.12)), (-0.42 if zone == "upper" else 0.22) + rng.uniform(-0.05, 0.05)
-    disc = soft(radius - np.hypot(g.u - cu, g.v - cv), 0.01 + 0.5 * g.px)
-    L.field *= 1 - 0.7 * disc
-    L.opacity += 0.15 * disc
-
-
-def bezier(a, b, c, k: int = 12) -> np.ndarray:
-    t = np.linspace(0, 1, k)[:, None]
-    return (1 - t) ** 2 * np.array(a) + 2 * t * (1 - t) * np.array(b) + t**2 * np.array(c)
-
-
-FIND = {"pleural_effusion": effusion, "pneumothorax": pneumothorax, "cardiomegaly": cardiomegaly,
-        "consolidation": consolidation, "edema": edema, "support_devices": support_devices, "nodule": nodule}
 
 
 # ----------------------------------------------------------------------------- data set
