@@ -67,3 +67,31 @@ def test_softness_is_not_read_as_a_finding():
     assert ((read & absent).sum(0) / absent.sum(0)).max() <= 0.015, (read & absent).sum(0)
     for i, f in enumerate(P.FINDINGS):
         assert R.auroc(prob["present"][:, i].numpy(), t["present"][:, i].numpy() > 0) >= 0.98, f
+
+
+def test_refit_devices_changes_only_the_device_rows():
+    """The features (hence FID) and every other head stay; the device rows learn from all phantoms."""
+    torch.manual_seed(0)
+    model = R.PhantomReader().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    labels = [{}, {"support_devices": {"devices": ["pacemaker"]}}] * 4
+    R.refit_devices(model, torch.rand(8, 1, 128, 128), R.targets(labels)["devices"], torch.Generator().manual_seed(0), steps=5)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.weight", "head.bias"}
+    k = len(P.DEVICES)
+    assert torch.equal(before["head.weight"][:-k], after["head.weight"][:-k]) and torch.equal(before["head.bias"][:-k], after["head.bias"][:-k])
+    assert not torch.equal(before["head.weight"][-k:], after["head.weight"][-k:])
+
+
+def test_a_tube_beside_a_central_line_is_read():
+    """Both devices of fresh phantoms with an endotracheal tube and a central line are read (support devices
+    present = any device head): before the device heads were refitted, 17% of these were read with no device."""
+    model = R.load()
+    lab = {"support_devices": {"devices": ["endotracheal_tube", "central_venous_line"]}}
+    rng = np.random.default_rng(77)
+    images = np.stack([P.render(lab, 128, np.random.default_rng(rng.integers(2**32))) for _ in range(100)])
+    prob = R.predict(model, images)
+    assert (prob["present"][:, P.FINDINGS.index("support_devices")] > 0.5).float().mean() >= 0.9
+    assert (prob["devices"][:, :2] > 0.5).all(1).float().mean() >= 0.9
+    assert (prob["devices"][:, 2] > 0.5).float().mean() <= 0.05  # no pacemaker
