@@ -109,11 +109,10 @@ def parse_args(argv=None):
         p.error("give exactly one of --weights PATH (e.g. SD v1.4) and --init PRESET (random weights)")
     if args.vae and not args.init:
         p.error("--vae replaces the random VAE of --init PRESET; --weights and --resume bring their own VAE")
-    for key in ("max_steps", "batch_size", "resolution", "save_every", "log_every", "val_steps"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    if args.snr_gamma is not None and args.snr_gamma <= 0:
-        p.error(f"--snr-gamma must be positive, got {args.snr_gamma}")
+    T.check_ranges(p, args, at_least_1=("max_steps", "batch_size", "resolution", "save_every", "log_every",
+                                        "val_steps", "micro_batch_size"),
+                   at_least_0=("keep", "sample_every", "warmup", "weight_decay", "num_workers"),
+                   positive=("lr", "max_grad_norm", "snr_gamma"))
     if not 0 <= args.text_dropout <= 1 or not 0 <= args.text_augment <= 1 or not 0 <= args.ema_decay < 1:
         p.error("--text-dropout and --text-augment must be in [0, 1] and --ema-decay in [0, 1)")
     return args
@@ -166,12 +165,9 @@ def train(args, device, world, rank):
     log = print if rank == 0 else (lambda *a: None)
 
     resume = None
-    if args.resume:
-        resume = T.latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
-        if resume is None or not (resume / "training_state.pt").is_file():
-            error(f"--resume: no checkpoint in {resume or out} (a checkpoint-NNNNNN folder); "
-                  "run without --resume to start")
     try:
+        T.check_out(out, args.resume)
+        resume = T.find_resume(out, args.resume) if args.resume else None
         source = resume or args.weights
         if source:
             sd = StableDiffusion.from_pretrained(source, args.config, device)
@@ -206,6 +202,9 @@ def train(args, device, world, rank):
     start = 0
     if resume:
         state, ema_state = T.load_training_state(resume)
+        if state["step"] > args.max_steps:
+            error(f"--resume: {resume} is at step {state['step']}, past --max-steps {args.max_steps}; "
+                  "give a larger --max-steps")
         if (state["batch_size"], state["seed"]) != (G, args.seed):
             error(f"--resume: {resume} was trained with --batch-size {state['batch_size']} --seed {state['seed']}; "
                   "use the same values to continue its data order")

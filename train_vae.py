@@ -73,9 +73,9 @@ def parse_args(argv=None):
         p.error("give exactly one of --init PRESET (random weights) and --weights VAE_FOLDER")
     if args.decoder_only and args.init:
         p.error("--decoder-only keeps a trained encoder: give --weights VAE_FOLDER instead of --init")
-    for key in ("max_steps", "batch_size", "resolution", "save_every", "sample_every", "log_every"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    T.check_ranges(p, args, at_least_1=("max_steps", "batch_size", "resolution", "save_every", "sample_every",
+                                        "log_every"),
+                   at_least_0=("keep", "warmup", "kl_weight", "num_workers"), positive=("lr", "max_grad_norm"))
     return args
 
 
@@ -136,10 +136,9 @@ def main(argv=None):
     if cuda and not torch.cuda.is_available():
         error("--device cuda, but this torch build sees no CUDA GPU; use --device cpu")
     device, out = torch.device("cuda" if cuda else "cpu"), Path(args.out)
-    resume = T.latest_checkpoint(out) if args.resume else None
-    if args.resume and (resume is None or not (resume / "training_state.pt").is_file()):
-        error(f"--resume: no checkpoint in {out} (a checkpoint-NNNNNN folder); run without --resume to start")
     try:
+        T.check_out(out, args.resume)
+        resume = T.find_resume(out, True) if args.resume else None
         if resume or args.weights:
             model = T.load_vae(resume or args.weights, device)
         else:
@@ -161,6 +160,9 @@ def main(argv=None):
     start = 0
     if resume:
         state, _ = T.load_training_state(resume)
+        if state["step"] > args.max_steps:
+            error(f"--resume: {resume} is at step {state['step']}, past --max-steps {args.max_steps}; "
+                  "give a larger --max-steps")
         if (state["batch_size"], state["seed"]) != (args.batch_size, args.seed):
             error(f"--resume: {resume} was trained with --batch-size {state['batch_size']} --seed {state['seed']}; "
                   "use the same values to continue its data order")

@@ -328,9 +328,47 @@ def save_checkpoint(folder: Path, sd: StableDiffusion, ema: EMA | None, state: d
 
 def load_training_state(folder: Path) -> tuple[dict, dict | None]:
     """(training_state.pt as saved, the EMA tensors or None) of a checkpoint folder."""
-    state = torch.load(Path(folder) / "training_state.pt", map_location="cpu", weights_only=True)
-    ema_file = Path(folder) / "ema.safetensors"
-    return state, load_file(ema_file) if ema_file.is_file() else None
+    folder = Path(folder)
+    if not (folder / "training_state.pt").is_file():
+        raise WeightsError(f"{folder}: not a checkpoint (no training_state.pt); give a checkpoint-NNNNNN folder "
+                           f"that train.py or train_vae.py wrote")
+    try:
+        state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+        ema_file = folder / "ema.safetensors"
+        return state, load_file(ema_file) if ema_file.is_file() else None
+    except Exception as e:
+        raise WeightsError(f"{folder}: damaged checkpoint ({str(e).strip()[:100] or type(e).__name__}); "
+                           f"resume from an earlier checkpoint-NNNNNN folder") from None
+
+
+def find_resume(out: Path, resume) -> Path:
+    """The checkpoint `--resume` means: the latest in `out` (resume "latest" or True), or the folder given."""
+    folder = latest_checkpoint(out) if resume in ("latest", True) else Path(resume)
+    if folder is None:
+        raise WeightsError(f"--resume: no checkpoint-NNNNNN folder in {out}; run without --resume to start")
+    load_training_state(folder)  # a clear error now for a folder that is not one
+    return folder
+
+
+def check_out(out: Path, resume: bool):
+    """A new run must not write into an old one's folder: its checkpoints, final weights and log would mix."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    found = [p.name for p in (*sorted(out.glob("checkpoint-[0-9]*[0-9]")), out / "final", out / "vae",
+                              out / "log.jsonl") if p.exists()] if out.is_dir() else []
+    if found and not resume:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(found[:3])}); add --resume to continue "
+                         f"it, or give a new --out")
+
+
+def check_ranges(parser, args, at_least_1=(), at_least_0=(), positive=()):
+    """parser.error for the first numeric flag out of its range (NaN is out of every range)."""
+    for keys, ok, what in ((at_least_1, lambda v: v >= 1, "at least 1"), (at_least_0, lambda v: v >= 0, "at least 0"),
+                           (positive, lambda v: v > 0, "positive")):
+        for key in keys:
+            value = getattr(args, key)
+            if value is not None and not ok(value):
+                parser.error(f"--{key.replace('_', '-')} must be {what}, got {value}")
 
 
 def save_grid(images: torch.Tensor, path: Path, cols: int):

@@ -78,6 +78,15 @@ SD1_TEXT = {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-05, "attention_drop
             "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 
 
+SD1_WIDTHS = {"unet": [320, 640, 1280, 1280], "vae": [128, 256, 512, 512]}
+UNKNOWABLE = {"unet": "attention_head_dim", "vae": "scaling_factor"}  # what only SD v1's widths let us guess
+
+
+def _unknowable(source: str, what: str) -> WeightsError:
+    return WeightsError(f"{source}: {what} cannot be read from the shapes; pass the diffusers folder these "
+                        f"weights came from as the config (sample.py/train.py --config DIR)")
+
+
 def _not_this(sd: dict, missing: str, what: str) -> WeightsError:
     return WeightsError(f"{what}: no {missing} among its {len(sd)} keys ({few(sd)}); "
                         f"these are not the weights of a Stable Diffusion {what.split(': ')[-1]}")
@@ -149,10 +158,12 @@ def infer_configs(components: dict, config: dict | None = None, source: str = "c
         if name == "text_encoder":  # the shapes cannot tell the heads; CLIP's are 64 channels wide
             hidden = shapes["hidden_size"]
             if hidden % 64 and "num_attention_heads" not in given:
-                raise WeightsError(f"{source}: the text encoder is {hidden} wide, not a multiple of CLIP's 64-wide "
-                                   f"attention heads, so its head count cannot be read from the shapes; pass the "
-                                   f"diffusers folder these weights came from as the config (sample.py --config DIR)")
+                raise _unknowable(source, f"the text encoder is {hidden} wide, not a multiple of CLIP's 64-wide "
+                                          f"attention heads, so its head count")
             defaults = {**defaults, "num_attention_heads": hidden // 64, "projection_dim": hidden}
+        elif shapes["block_out_channels"] != SD1_WIDTHS[name] and UNKNOWABLE[name] not in given:
+            raise _unknowable(source, f"the {name} is {shapes['block_out_channels']} wide, not Stable Diffusion "
+                                      f"v1's {SD1_WIDTHS[name]}, so its {UNKNOWABLE[name]}")  # SD v1's guess fits SD v1
         for key in shapes.keys() & given.keys():
             said = list(given[key]) if isinstance(given[key], (list, tuple)) else given[key]
             if said != shapes[key]:
@@ -206,13 +217,19 @@ OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn
 
 
 def _read_configs(folder: Path) -> dict[str, dict]:
+    """All four configs of a diffusers folder: without one, the model would be built on guesses."""
     configs = {}
     for name, rel in CONFIG_FILES.items():
-        if (folder / rel).is_file():
-            try:
-                configs[name] = json.loads((folder / rel).read_text())
-            except ValueError as e:
-                raise WeightsError(f"{folder / rel}: not valid JSON ({_one_line(e)}); re-download it") from None
+        if not (folder / rel).is_file():
+            raise WeightsError(f"{folder}: no {rel}; a diffusers folder holds {', '.join(CONFIG_FILES.values())}: "
+                               f"copy the missing file from where these weights came from")
+        try:
+            configs[name] = json.loads((folder / rel).read_text())
+        except ValueError as e:
+            raise WeightsError(f"{folder / rel}: not valid JSON ({_one_line(e)}); re-download it") from None
+        if not isinstance(configs[name], dict):
+            raise WeightsError(f"{folder / rel}: holds a {type(configs[name]).__name__}, not a JSON object; "
+                               f"re-download it")
     return configs
 
 

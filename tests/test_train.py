@@ -154,6 +154,30 @@ def test_resume_with_more_steps_and_from_a_named_checkpoint(data, tmp_path):
     assert again == whole
 
 
+def test_old_runs_are_never_overwritten_and_bad_resumes_are_one_line_errors(data, tmp_path):
+    out = tmp_path / "run"
+    run(data, out, "--max-steps", "2", "--save-every", "1", "--keep", "0")
+    log = (out / "log.jsonl").read_text()
+
+    def says(*extra, to=out):
+        with pytest.raises(SystemExit) as e:
+            run(data, to, *extra)
+        assert e.value.code.startswith("train.py: error: ") and "\n" not in e.value.code
+        return e.value.code
+
+    assert "already holds a run (checkpoint-000001, checkpoint-000002, final); add --resume" in says("--max-steps", "4")
+    assert (out / "log.jsonl").read_text() == log and sorted(p.name for p in out.iterdir()) == [
+        "checkpoint-000001", "checkpoint-000002", "final", "log.jsonl"]
+    assert "is at step 2, past --max-steps 1" in says("--max-steps", "1", "--resume")
+    (tmp_path / "file").write_text("x")
+    assert f"--out {tmp_path / 'file'} is a file" in says(to=tmp_path / "file")
+    assert "nowhere: not a checkpoint (no training_state.pt)" in says("--resume", tmp_path / "nowhere")
+    state = out / "checkpoint-000002" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:200])
+    assert "checkpoint-000002: damaged checkpoint" in says("--max-steps", "3", "--resume")
+    assert (out / "log.jsonl").read_text() == log
+
+
 def test_cached_latents_and_loader_workers_give_the_same_losses(data, tmp_path):
     plain = run(data, tmp_path / "plain", "--max-steps", "5")  # 2.5 epochs: later epochs read the cache
     cached = run(data, tmp_path / "cached", "--max-steps", "5", "--cache-latents", "--num-workers", "2")
@@ -350,6 +374,9 @@ def test_lr_schedule_and_ema():
     (["--data", "BAD", "--init", "tiny"], "no usable image-report pair"),
     (["--data", "DATA", "--weights", "missing-weights"], "missing-weights"),
     (["--data", "DATA", "--init", "tiny", "--snr-gamma", "0"], "--snr-gamma must be positive"),
+    (["--data", "DATA", "--init", "tiny", "--keep", "-1"], "--keep must be at least 0, got -1"),
+    (["--data", "DATA", "--init", "tiny", "--lr", "-0.001"], "--lr must be positive"),
+    (["--data", "DATA", "--init", "tiny", "--lr", "nan"], "--lr must be positive, got nan"),
     (["--data", "DATA", "--init", "tiny", "--text-augment", "1.5"], "--text-augment must be in [0, 1]"),
 ])
 def test_bad_input_gets_a_one_line_error(extra, says, data, tmp_path, capsys):

@@ -108,6 +108,14 @@ def test_kl_weight_weighs_the_kl_per_pixel_value(data, tmp_path):
     assert r["kl"] > 1 and r["loss"] == pytest.approx(r["l1"] + 0.5 * r["kl"] / (3 * 32 * 32), rel=1e-6)
 
 
+def test_an_old_run_is_not_overwritten(data, tmp_path):
+    run(data, tmp_path, "--max-steps", "2")
+    with pytest.raises(SystemExit, match="already holds a run .*add --resume"):
+        run(data, tmp_path, "--max-steps", "3")
+    with pytest.raises(SystemExit, match="is at step 2, past --max-steps 1"):
+        run(data, tmp_path, "--max-steps", "1", "--resume")
+
+
 def test_starts_from_given_weights(trained, data, tmp_path):
     scratch = run(data, tmp_path / "scratch", "--max-steps", "1")
     tuned = run(data, tmp_path / "tuned", "--max-steps", "1", start=["--weights", trained, *BASE[2:]])
@@ -146,6 +154,8 @@ def test_train_py_takes_the_trained_vae(trained, data, tmp_path):
     (train_vae, ["--data", "DATA", "--init", "tiny", "--decoder-only"], "--decoder-only keeps a trained encoder"),
     (train_vae, ["--data", "DATA", "--init", "tiny", "--resolution", "36"], "multiple of 8"),
     (train_vae, ["--data", "DATA", "--init", "tiny", "--max-steps", "0"], "--max-steps must be at least 1"),
+    (train_vae, ["--data", "DATA", "--init", "tiny", "--keep", "-1"], "--keep must be at least 0"),
+    (train_vae, ["--data", "DATA", "--init", "tiny", "--kl-weight", "-1"], "--kl-weight must be at least 0"),
     (train, ["--data", "DATA", "--weights", "w", "--vae", "v"], "--vae replaces the random VAE of --init"),
     (train, ["--data", "DATA", "--init", "tiny", "--vae", "missing-vae"], "missing-vae: no vae/config.json"),
 ])

@@ -233,10 +233,18 @@ def test_single_file_loads_identical_tensors(tiny, single_files, kind):
         _assert_identical(ck.state_dicts[m], tiny.expected[m])
     _assert_tiny_configs(ck.configs, tiny.cfg)
     assert ck.tokenizer_dir == tiny.root / "st" / "tokenizer" and "scheduler" in ck.configs
-    with pytest.raises(W.WeightsError, match="head count cannot be read"):  # 32-wide CLIP: heads unknowable
+    with pytest.raises(W.WeightsError, match="cannot be read from the shapes"):  # not SD v1's widths
         W.load_checkpoint(getattr(single_files, kind))
     components = W.original_to_diffusers(W.read_state_dict(getattr(single_files, kind)))
-    inferred = W.infer_configs(components, {"text_encoder": {"num_attention_heads": 4}})
+    known = {"text_encoder": {"num_attention_heads": 4}, "unet": {"attention_head_dim": 2},
+             "vae": {"scaling_factor": 0.5}}
+    with pytest.raises(W.WeightsError, match="head count cannot be read"):  # 32-wide CLIP: heads unknowable
+        W.infer_configs(components, {k: v for k, v in known.items() if k != "text_encoder"})
+    for name, key in (("unet", "attention_head_dim"), ("vae", "scaling_factor")):  # not SD v1's widths: no guess
+        with pytest.raises(W.WeightsError, match=rf"the {name} is \[.*\] wide, not Stable Diffusion v1's .*{key} "
+                                                 r"cannot be read from the shapes; pass .* --config DIR"):
+            W.infer_configs(components, {k: v for k, v in known.items() if k != name})
+    inferred = W.infer_configs(components, known)
     for m, keys in (("unet", ["block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
                               "cross_attention_dim", "use_linear_projection", "in_channels", "out_channels"]),
                     ("vae", ["block_out_channels", "layers_per_block", "latent_channels"]),
@@ -354,7 +362,7 @@ def test_bad_files_are_named_in_one_line_errors(tiny, tmp_path):
     _raises(r"unknown extension '.txt'", W.read_state_dict, tmp_path / "weights.txt")
 
 
-def test_other_models_and_incomplete_folders_are_clear_errors(tiny, tmp_path):
+def test_other_models_and_incomplete_folders_are_clear_errors(tiny, single_files, tmp_path):
     from safetensors.torch import save_file
     resnet = {"conv1.weight": torch.ones(64, 3, 7, 7), "bn1.weight": torch.ones(64), "fc.weight": torch.ones(10, 512)}
     save_file(resnet, tmp_path / "resnet18.safetensors")
@@ -373,3 +381,10 @@ def test_other_models_and_incomplete_folders_are_clear_errors(tiny, tmp_path):
     _raises(r"swapped: unet: no down_blocks.0.resnets.0.conv1.weight .*\(decoder.conv_in.bias.*"
             r"not the weights of a Stable Diffusion unet", W.load_checkpoint, folder)
     _raises(r"elsewhere: no such folder", W.load_checkpoint, tiny.root / "st", config_dir=tmp_path / "elsewhere")
+    for rel in W.CONFIG_FILES.values():  # diffusers refuses such a folder too; guessing would sample garbage
+        folder = shutil.copytree(tiny.root / "st", tmp_path / rel.replace("/", "_"))
+        (folder / rel).unlink()
+        _raises(rf"{folder.name}: no {rel}; a diffusers folder holds .*copy the missing file", W.load_checkpoint, folder)
+        _raises(rf"{folder.name}: no {rel}", W.load_checkpoint, single_files.st, config_dir=folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text("[1, 2]")
+    _raises(r"scheduler_config.json: holds a list, not a JSON object", W.load_checkpoint, folder)
