@@ -66,6 +66,8 @@ def parse_args(argv=None):
             p.error(f"--{name} must be at least {2 if name == 'seeds' else 1}, got {getattr(args, name)}")
     if args.heldout < 2:
         p.error(f"--heldout must be at least 2, got {args.heldout}")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file; give a folder")
     return args
 
 

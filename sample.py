@@ -11,6 +11,7 @@ Stable Diffusion v1.x and RoentGen's own weights.
 import argparse
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,6 +59,12 @@ def parse_args(argv=None):
         v = getattr(args, side)
         if v is not None and v < 1:
             p.error(f"--{side} must be positive, got {v}")
+    if args.guidance is not None and not args.guidance >= 0:
+        p.error(f"--guidance must be a number >= 0 (1 or less turns guidance off), got {args.guidance}")
+    if not 0 <= args.seed < 2**63:
+        p.error(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file; give a folder")
     return args
 
 
@@ -85,6 +92,7 @@ def free_path(folder: Path, stem: str) -> Path:
 
 def main(argv=None):
     args = parse_args(argv)
+    warnings.showwarning = lambda message, *_, **__: print(f"sample.py: warning: {message}", file=sys.stderr)
     weights = Path(args.weights) if args.weights else DEFAULT_WEIGHTS
     if not args.weights and not weights.exists():
         sys.exit("sample.py: error: no embedded default model in weights/default yet. Point --weights at a "

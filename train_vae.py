@@ -148,7 +148,7 @@ def main(argv=None):
         f = model.config.downsample_factor
         if args.resolution % f:
             raise ValueError(f"--resolution {args.resolution} is not a multiple of {f}, the VAE's downsampling")
-        dataset = ImageReportDataset(read_pairs(args.data, args.dataset), args.resolution)
+        dataset = ImageReportDataset(read_pairs(args.data, args.dataset), args.resolution, needs_report=False)
     except ValueError as e:  # WeightsError included
         error(str(e))
     print(dataset.summary())

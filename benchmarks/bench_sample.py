@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import compare, machine, sd15_configs, write_results  # noqa: E402
+from common import check_args, compare, machine, sd15_configs, write_results  # noqa: E402
 
 from minroentgen.pipeline import StableDiffusion  # noqa: E402
 
@@ -32,6 +32,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is shown")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args()
+    check_args(p, args, positive=("size", "steps", "repeats"))
     from oracle import diffusers_pipeline
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import REFERENCE, compare, machine, measure, median_and_peak, sd15_configs, write_results  # noqa: E402
+from common import REFERENCE, check_args, compare, machine, measure, median_and_peak, sd15_configs, write_results  # noqa: E402
 
 from minroentgen.pipeline import StableDiffusion  # noqa: E402
 from minroentgen.schedulers import DDPMScheduler, SchedulerConfig  # noqa: E402
@@ -51,6 +51,7 @@ def main():
                    "their AdamW states (full SD v1.5: about 14 GB each); the machine's load must stay steady")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args()
+    check_args(p, args, positive=("resolution", "batch", "repeats"))
     from diffusers import DDPMScheduler as RefDDPM
     from diffusers import StableDiffusionPipeline
     from oracle import diffusers_pipeline

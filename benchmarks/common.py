@@ -17,6 +17,17 @@ def sd15_configs() -> dict:
     return json.loads((REFERENCE / "sd15_configs.json").read_text())["expanded"]
 
 
+def check_args(parser, args, positive=("repeats",)):
+    """parser.error for a --device this machine lacks or a count below 1."""
+    if args.device not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but this torch build sees no CUDA GPU; use --device cpu")
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096

@@ -182,13 +182,29 @@ def read_openi(root: Path, view_table=None) -> list[Pair]:
     return pairs
 
 
+def _json_lines(path: Path, lines) -> list:
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg}); each line must be one object, "
+                             '{"image": "a.png", "report": "..."}') from None
+    return rows
+
+
 def read_table(path: Path) -> list[Pair]:
     """A .csv or .jsonl (optionally .gz) with `image` (relative to the file) and `report` columns."""
-    with _open_text(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()] if ".jsonl" in path.suffixes else list(csv.DictReader(f))
+    try:
+        with _open_text(path) as f:
+            rows = _json_lines(path, f) if ".jsonl" in path.suffixes else list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     pairs = []
     for n, row in enumerate(rows, start=1):
-        if not {"image", "report"} <= row.keys():
+        if not isinstance(row, dict) or not {"image", "report"} <= row.keys():
             raise ValueError(f"{path}: row {n} lacks an 'image' or 'report' column; the file needs both "
                              "(image: a path relative to the file, report: the text)")
         pairs.append(Pair(path.parent / (row["image"] or ""), clean(row["report"] or "")))
@@ -260,9 +276,9 @@ def fit(text: str, tokenizer) -> str:
     return " ".join(words[:lo])
 
 
-def pair_problem(pair: Pair) -> str | None:
+def pair_problem(pair: Pair, needs_report: bool = True) -> str | None:
     """Why a pair cannot be used, or None. Opens only the image's header (cheap)."""
-    if not pair.report.strip():
+    if needs_report and not pair.report.strip():
         return "empty report"
     if not pair.image.is_file():
         return "missing image"
@@ -284,9 +300,9 @@ class ImageReportDataset(torch.utils.data.Dataset):
     max_length - 2 tokens are cut to whole words that fit and counted in `num_truncated`. `summary()` is
     the one line a training script prints. An image whose header reads but whose pixels do not (a
     truncated file) is found only when loaded: it is named in a warning and the next pair stands in
-    (strict=True: an error)."""
+    (strict=True: an error). needs_report=False keeps images with an empty report (the VAE reads none)."""
 
-    def __init__(self, pairs, resolution: int, tokenizer=None, strict: bool = False):
+    def __init__(self, pairs, resolution: int, tokenizer=None, strict: bool = False, needs_report: bool = True):
         if resolution <= 0 or resolution % 8:
             raise ValueError(f"resolution={resolution}: use a positive multiple of 8 (the VAE downsamples by 8), e.g. 512")
         pairs = list(pairs)
@@ -294,7 +310,7 @@ class ImageReportDataset(torch.utils.data.Dataset):
         self.skipped: dict[str, list[Path]] = {}
         self.pairs = []
         for n, pair in enumerate(pairs, start=1):
-            problem = pair_problem(pair)
+            problem = pair_problem(pair, needs_report)
             if problem and strict:
                 raise ValueError(f"pair {n} of {len(pairs)}: {problem} {pair.image} (strict: fix or remove it, "
                                  "or run without --strict to skip bad pairs)")

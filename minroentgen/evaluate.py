@@ -176,6 +176,8 @@ def load_prompts(path) -> list:
         pairs, wording = list(data["prompts"]), str(data.get("wording", Path(path).stem))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot read prompts from {path} ({e!r}); want {want}") from None
+    if not pairs:
+        raise ValueError(f"{path}: the prompt list is empty; want {want}")
     for k, pair in enumerate(pairs):
         if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and check_labels(pair[1])):
             raise ValueError(f"{path}: prompt {k} is not [text, labels] with phantom labels: {pair!r}; want {want}")

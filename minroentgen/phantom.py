@@ -173,6 +173,10 @@ def write_dataset(out: Path, n: int, size: int = 256, seed: int = 0, workers: in
     the study; the first is make()'s). Byte-identical for given arguments, whatever the number of workers."""
     check_size(size)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if (out / "reports.csv").exists():
+        raise ValueError(f"{out} already holds a data set (reports.csv); give a new --out, or delete it first")
     (out / "images").mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(n - 1)))
     jobs = [(out, f"images/{k:0{width}d}.png", seed, k, size, reports) for k in range(n)]
@@ -242,7 +246,7 @@ def main(argv=None):
         else:
             write_dataset(a.out, a.n, a.size, a.seed, a.workers, a.reports)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"{ap.prog}: error: {e}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,16 @@ class SamplingDefaults:
     height: int = 512
     width: int = 512
 
+    def __post_init__(self):  # a sampling.json can say anything
+        if self.scheduler not in SCHEDULER_NAMES.values():
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_NAMES.values())}, got {self.scheduler!r}")
+        for name in ("steps", "height", "width"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if type(self.guidance) not in (int, float) or not self.guidance >= 0:
+            raise ValueError(f"guidance must be a number >= 0, got {self.guidance!r}")
+
 
 def _build(model_cls, config, state_dict, source: str, device, dtype):
     """Make a model without random init (meta tensors), then fill every parameter from the file."""
@@ -123,13 +133,18 @@ class StableDiffusion:
         so the same seed gives the same picture here and in diffusers.
         """
         d = self.defaults
-        steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
-        height, width = height or d.height, width or d.width
+        steps, guidance = d.steps if steps is None else steps, d.guidance if guidance is None else guidance
+        height, width = d.height if height is None else height, d.width if width is None else width
         f = self.vae.config.downsample_factor
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f} (the VAE's downsampling), got {height}x{width}")
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        if not guidance >= 0:
+            raise ValueError(f"guidance must be >= 0 (1 or less turns guidance off), got {guidance}")
+        if negative and guidance <= 1:
+            raise ValueError(f"a negative prompt is the unconditional branch of guidance, which guidance {guidance} "
+                             f"turns off; give guidance > 1 or no negative prompt")
         sched = make_scheduler(scheduler or d.scheduler, self.scheduler_config)
         sched.set_timesteps(steps)
 

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from minroentgen import phantom as P
+from minroentgen.weights import WeightsError, check_state_dict, read_state_dict, written_atomically
 
 SIZE = 128
 SEED = 12345  # the training phantoms' data set
@@ -203,13 +204,17 @@ def refit_devices(model: PhantomReader, x: torch.Tensor, devices: torch.Tensor, 
 
 
 def save(model: PhantomReader, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with written_atomically(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
 
 
 def load(path: Path = WEIGHTS) -> PhantomReader:
+    """Raises a one-line WeightsError for a missing, damaged or foreign file."""
     model = PhantomReader()
-    model.load_state_dict(load_file(str(path)))
+    state_dict = read_state_dict(path)
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state_dict, f"{path} (phantom reader)")
+    model.load_state_dict(state_dict)
     return model.eval()
 
 
@@ -221,11 +226,23 @@ def main(argv=None):
     ap.add_argument("--eval", action="store_true", help="score the saved weights on fresh held-out phantoms")
     ap.add_argument("--steps", type=int, default=2500, help="training steps (default 2500)")
     ap.add_argument("--n", type=int, help="phantoms to train on (default 12000) or to evaluate on (default 1000)")
-    ap.add_argument("--weights", type=Path, default=WEIGHTS, help="weights file (default weights/phantom_reader.safetensors)")
+    ap.add_argument("--weights", type=Path, default=WEIGHTS, help="weights file (default "
+                    "weights/phantom_reader.safetensors; --train and --refit-devices replace it: give another path "
+                    "to keep the committed reader, whose figures the READMEs quote)")
     a = ap.parse_args(argv)
     if not (a.train or a.refit_devices or a.eval):
         ap.error("give --train, --refit-devices and/or --eval")
+    for flag, value in (("--steps", a.steps), ("--n", a.n)):
+        if value is not None and value < 1:
+            ap.error(f"{flag} must be at least 1, got {value}")
     torch.set_num_threads(1)  # small convolutions: one thread is faster than two on a busy CPU
+    try:
+        run(a)
+    except WeightsError as e:
+        raise SystemExit(f"{ap.prog}: error: {e}") from None
+
+
+def run(a):
     if a.train:
         train(a.steps, a.n or 12000, out=a.weights)
     elif a.refit_devices:

@@ -17,7 +17,6 @@ gradient accumulation, see the same samples with the same noise and average the 
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 from contextlib import contextmanager
@@ -34,7 +33,7 @@ from . import clip, schedulers, unet, vae
 from .pipeline import SamplingDefaults, StableDiffusion, image_grid, to_grayscale_uint8
 from .tokenizer import CLIPTokenizer
 from .vae import DiagonalGaussian
-from .weights import DIFFUSERS_VERSION, WeightsError, check_state_dict, move_into_place, read_state_dict
+from .weights import DIFFUSERS_VERSION, WeightsError, check_state_dict, read_state_dict, written_atomically
 
 PRESET_NAMES = sorted(unet.PRESETS.keys() & vae.PRESETS.keys() & clip.PRESETS.keys())  # "sd15", "small", "tiny"
 
@@ -262,19 +261,12 @@ VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 def save_vae(folder: Path, model: vae.AutoencoderKL):
     """Write a diffusers `vae/` folder (config.json, diffusion_pytorch_model.safetensors), which
     `load_vae` and `diffusers.AutoencoderKL.from_pretrained` read; built beside `folder` and renamed."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with written_atomically(folder) as tmp:
         tmp.mkdir(parents=True)
         config = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **model.config.to_dict()}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / VAE_WEIGHTS),
                   metadata={"format": "pt"})
-        move_into_place(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_vae(path, device="cpu") -> vae.AutoencoderKL:
@@ -311,17 +303,11 @@ def save_checkpoint(folder: Path, sd: StableDiffusion, ema: EMA | None, state: d
     scaler). Built under a temporary name and renamed, so a crash never leaves half a checkpoint under
     the real name. Keeps the last `keep` (0: all)."""
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with written_atomically(folder) as tmp:  # the same step saved again (e.g. after a resume) is replaced
         sd.save_pretrained(tmp)
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
         torch.save(state, tmp / "training_state.pt")
-        move_into_place(tmp, folder)  # the same step saved again (e.g. after a resume) is replaced
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for stale in sorted(folder.parent.glob("checkpoint-[0-9]*[0-9]"))[:-keep] if keep else []:
         shutil.rmtree(stale)
 

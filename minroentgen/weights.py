@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,15 +296,26 @@ def _write_json(obj: dict, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def move_into_place(tmp: Path, folder: Path):
-    """Rename the complete folder `tmp` to `folder`; an older `folder` is swapped out only then."""
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
+@contextmanager
+def written_atomically(path):
+    """Yield a temporary path beside `path` to write a file or a folder at; renamed to `path` only when the
+    block ends without error (an older `path` is swapped out only then), deleted otherwise. So a crash
+    never leaves half a file or folder under the real name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.exists():
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_pretrained(folder, configs: dict, state_dicts: dict, tokenizer, scheduler_config: dict,
@@ -315,9 +327,7 @@ def save_pretrained(folder, configs: dict, state_dicts: dict, tokenizer, schedul
     folder = Path(folder)
     if "_class_name" not in scheduler_config:
         raise ValueError("scheduler_config needs its _class_name (e.g. 'PNDMScheduler') for model_index.json")
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with written_atomically(folder) as tmp:
         for name, cls in (("unet", "UNet2DConditionModel"), ("vae", "AutoencoderKL")):
             config = {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION, **configs[name]}
             _write_json(config, tmp / name / "config.json")
@@ -340,10 +350,6 @@ def save_pretrained(folder, configs: dict, state_dicts: dict, tokenizer, schedul
                      "scheduler": ["diffusers", scheduler_config["_class_name"]],
                      "safety_checker": [None, None], "feature_extractor": [None, None],
                      "requires_safety_checker": False}, tmp / "model_index.json")
-        move_into_place(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -352,11 +358,6 @@ def save_original(path, components: dict) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: save_original writes .safetensors only; name the file *.safetensors")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with written_atomically(path) as tmp:
         _save_tensors(diffusers_to_original(components), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

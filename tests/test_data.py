@@ -290,6 +290,15 @@ def test_csv_and_jsonl_paths_relative_to_file(tmp_path, monkeypatch):
         read_pairs(folder / "bad.csv")
     with pytest.raises(ValueError, match="view_table is for Open-I only"):
         read_pairs(folder / "reports.csv", view_table=folder / "reports.csv")
+    (folder / "broken.jsonl").write_text(json.dumps(rows[0]) + "\n\n" + '{"image": "a.png", "report": }\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl line 3: not valid JSON \(Expecting value\); each line"):
+        read_pairs(folder / "broken.jsonl")
+    (folder / "list.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="list.jsonl: row 1 lacks an 'image' or 'report' column"):
+        read_pairs(folder / "list.jsonl")
+    (folder / "binary.csv").write_bytes(b"image,report\n\xff\xfe\x00a.png,x\n")
+    with pytest.raises(ValueError, match=r"binary.csv: not UTF-8 text \(byte \d+: invalid start byte\)"):
+        read_pairs(folder / "binary.csv")
 
 
 def test_unknown_layouts(tmp_path):
@@ -389,6 +398,8 @@ def test_bad_pairs_counted_and_skipped(messy, tmp_path):
     summary = dataset.summary()
     assert "\n" not in summary and summary.startswith("2 of 6 image-report pairs used; skipped 4: 1 missing image (")
     assert str(tmp_path / "corrupt.png") in summary and "no tokenizer" in summary
+    images_only = ImageReportDataset(messy, resolution=8, needs_report=False)  # train_vae.py reads no report
+    assert [p.image for p in images_only.pairs] == [messy[0].image, tmp_path / "other.png", messy[0].image]
     item = dataset[1]
     assert item["report"] == "No acute process." and item["pixel_values"].shape == (3, 8, 8)
 

@@ -329,6 +329,12 @@ def test_script_errors(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"prompts": [["Edema."]]}')
     with pytest.raises(SystemExit, match="prompt 0 is not"):
         run_script(["--prompts", str(tmp_path / "bad.json"), "--real"], capsys)
+    (tmp_path / "empty.json").write_text('{"prompts": []}')
+    with pytest.raises(SystemExit, match="empty.json: the prompt list is empty"):
+        run_script(["--prompts", str(tmp_path / "empty.json"), "--real"], capsys)
+    with pytest.raises(SystemExit):
+        run_script(["--real", "--out", str(tmp_path / "empty.json")], capsys)
+    assert "empty.json is a file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_script(["--seeds", "1"], capsys)
     assert "--seeds must be at least 2" in capsys.readouterr().err

@@ -122,6 +122,11 @@ def test_cli(tmp_path):
     assert len(list((tmp_path / "d" / "images").glob("*.png"))) == 4
     r = subprocess.run(run + ["--grid", str(tmp_path / "grid.png"), "--size", "64"], capture_output=True, text=True)
     assert r.returncode == 0 and (tmp_path / "grid.png").stat().st_size > 1000
+    before = (tmp_path / "d" / "reports.csv").read_bytes()
+    r = subprocess.run(run + ["--n", "2", "--size", "64", "--out", str(tmp_path / "d")], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().endswith("d already holds a data set (reports.csv); give a new "
+                                                           "--out, or delete it first")
+    assert (tmp_path / "d" / "reports.csv").read_bytes() == before
     r = subprocess.run(run + ["--n", "2", "--size", "600", "--out", str(tmp_path / "e")], capture_output=True, text=True)
     assert r.returncode != 0 and "from 64 to 512" in r.stderr
     assert "--workers" in subprocess.run(run + ["--help"], capture_output=True, text=True).stdout

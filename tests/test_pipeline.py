@@ -1,4 +1,7 @@
 """End to end: `sample.py` gives the same PNG as diffusers' StableDiffusionPipeline on the same weights."""
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -110,11 +113,35 @@ def test_outputs_metadata_grid_and_no_overwrite(sources, tmp_path, capsys):
     (["x", "--height", "-8"], "positive"),
     (["x", "--steps", "0"], "at least 1"),
     (["x", "--n", "0"], "at least 1"),
+    (["x", "--guidance", "nan"], "--guidance must be a number >= 0"),
+    (["x", "--seed", "-1"], "--seed must be from 0"),
 ])
 def test_bad_arguments_get_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_settings_are_one_line_errors(sources, tmp_path, capsys):
+    from minroentgen.pipeline import StableDiffusion
+    folder = shutil.copytree(sources[1] / "safetensors", tmp_path / "w")
+    for bad, says in (({"steps": "many"}, "steps must be a positive integer, got 'many'"),
+                      ({"guidance": None}, "guidance must be a number >= 0, got None"),
+                      ({"scheduler": "euler"}, "scheduler must be one of pndm, ddim, ddpm"),
+                      ({"stepz": 3}, "unexpected keyword argument 'stepz'")):
+        (folder / "sampling.json").write_text(json.dumps(bad))
+        with pytest.raises(SystemExit, match=rf"sample.py: error: .*sampling.json: not a valid sampling.json .*{says}"):
+            sample.main(["x", "--weights", str(folder), "--out", str(tmp_path / "out")])
+    (folder / "sampling.json").unlink()
+    sd = StableDiffusion.from_pretrained(folder)
+    with pytest.raises(ValueError, match="steps must be at least 1, got 0"):  # 0 is not "the default"
+        sd("x", steps=0, progress=False)
+    with pytest.raises(ValueError, match="a negative prompt is the unconditional branch of guidance"):
+        sd("x", steps=1, guidance=1.0, negative="edema", progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        sample.main(["x", "--weights", str(folder), "--out", str(tmp_path / "file")])
+    assert f"--out {tmp_path / 'file'} is a file" in capsys.readouterr().err
 
 
 def test_size_the_model_cannot_take_is_refused(sources, tmp_path, capsys):

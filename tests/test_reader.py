@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from minroentgen import phantom as P
 from minroentgen import reader as R
@@ -95,3 +96,17 @@ def test_a_tube_beside_a_central_line_is_read():
     assert (prob["present"][:, P.FINDINGS.index("support_devices")] > 0.5).float().mean() >= 0.9
     assert (prob["devices"][:, :2] > 0.5).all(1).float().mean() >= 0.9
     assert (prob["devices"][:, 2] > 0.5).float().mean() <= 0.05  # no pacemaker
+
+
+def test_missing_foreign_or_damaged_weights_are_one_line_errors(tmp_path):
+    from minroentgen.weights import WeightsError
+    with pytest.raises(WeightsError, match="nowhere.safetensors: no such file"):
+        R.load(tmp_path / "nowhere.safetensors")
+    save_file({"conv_in.weight": torch.ones(4, 4, 3, 3)}, tmp_path / "unet.safetensors")
+    with pytest.raises(WeightsError, match=r"unet.safetensors \(phantom reader\): \d+ missing keys"):
+        R.load(tmp_path / "unet.safetensors")
+    R.save(R.load(), tmp_path / "copy.safetensors")  # written beside and renamed: no temporary file is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.safetensors", "unet.safetensors"]
+    (tmp_path / "half.safetensors").write_bytes((tmp_path / "copy.safetensors").read_bytes()[:1000])
+    with pytest.raises(SystemExit, match="half.safetensors: file is truncated"):
+        R.main(["--eval", "--weights", str(tmp_path / "half.safetensors")])
