@@ -1,7 +1,7 @@
 """Fine-tune Stable Diffusion on chest X-rays and their reports, as RoentGen did (Chambon et al. 2022).
 
-The defaults are the paper's: SD v1.4 weights, 512x512 frontal images with their impressions, bf16,
-a global batch of 256, 60k steps, VAE frozen (add --train-text-encoder for the best variants).
+The defaults are the paper's: 512x512 frontal images with their impressions, bf16, a global batch of 256,
+60k steps, VAE frozen; give it SD v1.4 as --weights and add --train-text-encoder for its best variants.
 
   python train.py --data mimic-cxr-jpg/ --weights ~/models/sd-v1-4 --train-text-encoder --out runs/roentgen
   torchrun --nproc_per_node=8 train.py --data mimic-cxr-jpg/ --weights ~/models/sd-v1-4 --out runs/roentgen
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     a("--data", required=True, help="a .csv/.jsonl file (image, report columns), a MIMIC-CXR-JPG folder "
       "or an Open-I folder")
     a("--dataset", choices=["csv", "mimic-cxr", "openi"], help="the layout of --data (default: inferred from it)")
-    a("--split", default="train", help="MIMIC-CXR official split to train on (default train)")
+    a("--split", default="train", choices=["train", "validate", "test"],
+      help="MIMIC-CXR only: the official split to train on (default train)")
     a("--view-table", help="Open-I only: a CSV with imageid and 'View Position' to keep frontal images (see data.py)")
     a("--strict", action="store_true", help="stop at the first bad image-report pair instead of skipping it")
     a("--weights", help="start from these weights: anything sample.py --weights loads (the paper: SD v1.4)")
@@ -93,12 +94,13 @@ def parse_args(argv=None):
       "use, so the VAE encodes every image once (same losses as without; memory: 8 x (R/8)^2 numbers an image, "
       "64 KB at 512 in bf16)")
     a("--seed", type=int, default=0,
-      help="seeds data order, noise, timesteps and --init weights: a run repeats exactly")
+      help="seeds data order, noise, timesteps and --init weights: a run repeats exactly (default 0)")
     a("--save-every", type=int, default=1000, help="write a checkpoint every N steps (default 1000)")
     a("--keep", type=int, default=2, help="keep the last N checkpoints, 0 = all (default 2)")
-    a("--sample-every", type=int, default=1000, help="sample the validation prompts every N steps, 0 = only at the end")
+    a("--sample-every", type=int, default=1000, help="sample the validation prompts every N steps, 0 = only at the end (default 1000)")
     a("--val-prompts", nargs="*", default=VAL_PROMPTS,
-      help="validation prompts, one image each with seed 0, 1, ...; give none to skip sampling")
+      help="validation prompts, one image each with seed 0, 1, ..., into OUT/samples/ (default: four, from "
+      "a normal study to cardiomegaly with edema); give the flag with no prompt to skip sampling")
     a("--val-steps", type=int, default=25, help="DDIM steps for the validation samples (default 25)")
     a("--log-every", type=int, default=10, help="log loss, learning rate, images/s every N steps (default 10)")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto: CUDA if there is one")

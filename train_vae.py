@@ -12,7 +12,7 @@ pretrained VGG that cannot be downloaded here, and a GAN is a second network wit
 tricks; the price is blurrier fine texture than SD's VAE. LDM sums both terms over an image's pixels;
 dividing both by the 3 H W pixel values keeps LDM's kl_weight and logs a per-pixel L1 (Adam does not see
 a constant factor of the loss). The checkpoints and the final DIR/vae/ carry the latents' scaling factor,
-1 / std of posterior samples of the first images (LDM Sec. 4.3.2 and App. G: SD's 0.18215).
+1 / std of posterior samples of the first images (LDM Sec. 4.3.2, App. D.1 and G: SD's 0.18215).
 
 AdamW at 1e-3 after a linear warm-up, cosine to 0. LDM's rate, 4.5e-6 per image of the global batch
 (7.2e-5 at batch 16), was set for long runs with a GAN; from scratch without one it is slow: the L1 of
@@ -48,7 +48,9 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--data", required=True, help="a .csv/.jsonl file (image, report columns), a MIMIC-CXR-JPG or Open-I folder")
     a("--dataset", choices=["csv", "mimic-cxr", "openi"], help="the layout of --data (default: inferred from it)")
-    a("--init", choices=sorted(vae.PRESETS), help="start from random weights of a named VAE config")
+    a("--init", choices=sorted(vae.PRESETS), help="start from random weights of a named VAE config (minroentgen/vae.py "
+      "PRESETS): sd15 is SD's (84M parameters, downsampling f = 8), small the embedded default's (2.7M, f = 4), "
+      "tiny the tests' (0.7M, f = 2)")
     a("--weights", help="start from a trained VAE instead: a diffusers vae/ folder or a folder holding one")
     a("--out", required=True, help="output folder: vae/ (the result), checkpoint-NNNNNN/, samples/, log.jsonl")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -61,7 +63,7 @@ def parse_args(argv=None):
       "the encoder, the latents and their scaling factor stay as they are (see above)")
     a("--kl-weight", type=float, default=1e-6, help="weight of the KL term (default 1e-6: LDM's KL-f4/f8 models)")
     a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (default 1.0)")
-    a("--seed", type=int, default=0, help="seeds data order, posterior noise and --init weights: a run repeats exactly")
+    a("--seed", type=int, default=0, help="seeds data order, posterior noise and --init weights: a run repeats exactly (default 0)")
     a("--save-every", type=int, default=1000, help="write a checkpoint every N steps (default 1000)")
     a("--keep", type=int, default=2, help="keep the last N checkpoints, 0 = all (default 2)")
     a("--sample-every", type=int, default=500, help="save inputs above reconstructions every N steps (default 500)")

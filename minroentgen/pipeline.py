@@ -8,8 +8,8 @@ This is Stable Diffusion inference (Rombach et al. 2022, Sec. 3.3) as RoentGen s
     latents / 0.18215 --vae.decode--> image (B, 3, H, W) in [-1, 1]
 
 Classifier-free guidance (Ho & Salimans 2022, eq. 6): the UNet runs on the prompt and on the
-negative prompt (empty by default) in one batch, and the two noise predictions are extrapolated,
-eps = eps_neg + g * (eps_prompt - eps_neg).
+negative prompt (empty by default) in one batch, and the two predictions (noise, or v) are extrapolated,
+pred = pred_neg + g * (pred_prompt - pred_neg); g = 1 + w of the paper's (1 + w) eps_c - w eps_u.
 """
 import json
 from dataclasses import asdict, dataclass, replace
@@ -90,7 +90,7 @@ class StableDiffusion:
         size = unet_size * vae.downsample_factor if unet_size else vae.sample_size  # diffusers' default size
         defaults = SamplingDefaults(scheduler=SCHEDULER_NAMES.get(scheduler_config.class_name, "pndm"),
                                     height=size, width=size)
-        sampling = Path(path) / "sampling.json"
+        sampling = Path(path if Path(path).is_dir() or config_dir is None else config_dir) / "sampling.json"
         if sampling.is_file():
             try:
                 defaults = replace(defaults, **json.loads(sampling.read_text()))
@@ -159,12 +159,12 @@ class StableDiffusion:
         for t in tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False):
             x = torch.cat([latents, latents]) if guided else latents  # (2n or n, 4, h, w)
             x = sched.scale_model_input(x, t)
-            eps = self.unet(x, t.to(self.device), context)
+            pred = self.unet(x, t.to(self.device), context)  # noise, or v for a v-prediction model
             if guided:
-                eps_neg, eps_prompt = eps.chunk(2)
-                eps = eps_neg + guidance * (eps_prompt - eps_neg)
+                pred_neg, pred_prompt = pred.chunk(2)
+                pred = pred_neg + guidance * (pred_prompt - pred_neg)
             step_kwargs = {"eta": eta} if eta else {}
-            latents = sched.step(eps, t, latents, generator=generator, **step_kwargs)
+            latents = sched.step(pred, t, latents, generator=generator, **step_kwargs)
         image = self.vae.decode(latents / self.vae.config.scaling_factor)  # (n, 3, H, W)
         return image.float().cpu()
 

@@ -2,7 +2,7 @@
 
 CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
 Supervision", Sec. 2.4) reads text as a lower-cased byte-pair encoding (Sennrich et al. 2016)
-with a 49,152-token vocabulary (49,408 with the byte symbols and the two special tokens),
+with a 49,152-token vocabulary (49,408 in vocab.json: each of the 256 byte symbols also appears with `</w>`),
 bracketed by `<|startoftext|>` and `<|endoftext|>` and cut to 77 tokens. Stable Diffusion
 keeps that tokenizer and pads every prompt to the full 77 tokens, so the text encoder always
 sees a (B, 77) batch. RoentGen feeds it the impression section of a radiology report, and a

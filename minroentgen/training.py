@@ -1,6 +1,6 @@
 """The training recipe of RoentGen: fine-tune Stable Diffusion's UNet (and text encoder) on image-report pairs.
 
-Objective (LDM, Rombach et al. 2022, Eq. 2; DDPM, Ho et al. 2020, Eq. 14 "simple" loss): encode the image
+Objective (LDM, Rombach et al. 2022, Eq. 3; DDPM, Ho et al. 2020, Eq. 14 "simple" loss): encode the image
 with the frozen VAE, z0 = scaling_factor * (mean + std * eps_q), draw t ~ U{0, T-1} and eps ~ N(0, I),
 and regress the UNet's output on z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps against eps (or v):
 

@@ -5,7 +5,7 @@ text context c (B, 77, 768) from CLIP. It is the DDPM UNet (Ho et al. 2020, App.
 see a timestep embedding, a down path that halves the resolution per level, a middle, and an up path
 that doubles it again, taking in the down path's activations through concatenated skip connections.
 LDM adds a spatial transformer after the ResBlocks of most levels; its cross-attention reads c
-(LDM Eq. 3), which is how the prompt steers the image.
+(LDM Sec. 3.3), which is how the prompt steers the image.
 
 Module names equal the keys of a diffusers `unet/diffusion_pytorch_model.safetensors`, so such a
 file loads with `load_state_dict(strict=True)`:
@@ -193,7 +193,7 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head scaled dot-product attention ("Attention is all you need", Eq. 1, Sec. 3.2.2):
     self-attention when `context` is None, else cross-attention with keys and values from the text
-    (LDM Eq. 3). No biases on q, k, v; `to_out` is a list because diffusers keeps a dropout at index 1."""
+    (LDM Sec. 3.3). No biases on q, k, v; `to_out` is a list because diffusers keeps a dropout at index 1."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool):
         super().__init__()
@@ -315,7 +315,7 @@ def _level(**children: list[nn.Module]) -> nn.Module:
 # ----------------------------------------------------------------------------- the UNet
 
 class UNet2DConditionModel(nn.Module):
-    """eps_theta(z_t, t, c) of LDM Eq. 2. Set `gradient_checkpointing = True` to recompute every
+    """eps_theta(z_t, t, c) of LDM Eq. 3 (noise, or v for a v-prediction model). Set `gradient_checkpointing = True` to recompute every
     ResBlock and spatial transformer in the backward pass while training (less memory, more time)."""
 
     def __init__(self, config: UNetConfig):
@@ -371,7 +371,7 @@ class UNet2DConditionModel(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float,
                 encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """sample z_t (B, in_channels, h, w); timestep: a number, a 0-d or a (B,) tensor;
-        encoder_hidden_states c (B, L, cross_attention_dim) -> predicted noise (B, out_channels, h, w)."""
+        encoder_hidden_states c (B, L, cross_attention_dim) -> predicted noise, or v (B, out_channels, h, w)."""
         c, context = self.config, encoder_hidden_states
         t = torch.as_tensor(timestep, device=sample.device).expand(sample.shape[0])  # (B,)
         t_emb = timestep_embedding(t, self.conv_in.out_channels, c.flip_sin_to_cos, c.freq_shift)

@@ -2,7 +2,7 @@
 
 The encoder maps an image x in [-1, 1] of shape (B, 3, H, W) to a diagonal Gaussian over latents
 (B, 4, H/8, W/8); the decoder maps a latent back to an image. Diffusion runs on the latents,
-multiplied by `config.scaling_factor` (0.18215 for SD v1, LDM Sec. 4.3.2 and App. D.1) so they have
+multiplied by `config.scaling_factor` (0.18215 for SD v1, LDM Sec. 4.3.2, App. D.1 and G) so they have
 roughly unit variance; encode/decode here do not apply that factor (diffusers does not either).
 
 Module names equal the keys of a diffusers `vae/diffusion_pytorch_model.safetensors`, so such a file
@@ -247,7 +247,7 @@ class Encoder(nn.Module):
     def forward(self, x):                                   # (B, 3, H, W)
         x = self.conv_in(x)                                 # (B, ch[0], H, W)
         for block in self.down_blocks:
-            x = block(x)                                    # (B, ch[i], H/2^i, W/2^i), halved after all but the last
+            x = block(x)                                    # (B, ch[i], H/2^(i+1), W/2^(i+1)); the last stays at H/f
         x = self.mid_block(x)                               # (B, ch[-1], H/f, W/f)
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 2*latent_channels, H/f, W/f)
 

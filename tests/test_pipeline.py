@@ -132,6 +132,8 @@ def test_bad_settings_are_one_line_errors(sources, tmp_path, capsys):
         (folder / "sampling.json").write_text(json.dumps(bad))
         with pytest.raises(SystemExit, match=rf"sample.py: error: .*sampling.json: not a valid sampling.json .*{says}"):
             sample.main(["x", "--weights", str(folder), "--out", str(tmp_path / "out")])
+    (folder / "sampling.json").write_text('{"steps": 3}')  # a single file's --config folder brings its settings
+    assert StableDiffusion.from_pretrained(sources[1] / "single.safetensors", config_dir=folder).defaults.steps == 3
     (folder / "sampling.json").unlink()
     sd = StableDiffusion.from_pretrained(folder)
     with pytest.raises(ValueError, match="steps must be at least 1, got 0"):  # 0 is not "the default"
