@@ -115,8 +115,11 @@ def parse_args(argv=None):
                                         "val_steps", "micro_batch_size"),
                    at_least_0=("keep", "sample_every", "warmup", "weight_decay", "num_workers"),
                    positive=("lr", "max_grad_norm", "snr_gamma"))
-    if not 0 <= args.text_dropout <= 1 or not 0 <= args.text_augment <= 1 or not 0 <= args.ema_decay < 1:
-        p.error("--text-dropout and --text-augment must be in [0, 1] and --ema-decay in [0, 1)")
+    for flag, value in (("--text-dropout", args.text_dropout), ("--text-augment", args.text_augment)):
+        if not 0 <= value <= 1:
+            p.error(f"{flag} is a probability: it must be in [0, 1], got {value}")
+    if not 0 <= args.ema_decay < 1:
+        p.error(f"--ema-decay must be in [0, 1) (0 turns the EMA off), got {args.ema_decay}")
     return args
 
 

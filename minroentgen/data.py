@@ -304,7 +304,7 @@ class ImageReportDataset(torch.utils.data.Dataset):
 
     def __init__(self, pairs, resolution: int, tokenizer=None, strict: bool = False, needs_report: bool = True):
         if resolution <= 0 or resolution % 8:
-            raise ValueError(f"resolution={resolution}: use a positive multiple of 8 (the VAE downsamples by 8), e.g. 512")
+            raise ValueError(f"resolution={resolution}: use a positive multiple of 8 (SD's VAE downsamples by 8), e.g. 512")
         pairs = list(pairs)
         self.resolution, self.strict, self.num_read = resolution, strict, len(pairs)
         self.skipped: dict[str, list[Path]] = {}

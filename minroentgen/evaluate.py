@@ -179,25 +179,31 @@ def load_prompts(path) -> list:
     if not pairs:
         raise ValueError(f"{path}: the prompt list is empty; want {want}")
     for k, pair in enumerate(pairs):
-        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and check_labels(pair[1])):
-            raise ValueError(f"{path}: prompt {k} is not [text, labels] with phantom labels: {pair!r}; want {want}")
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise ValueError(f"{path}: prompt {k} is not [text, labels]: {pair!r}; want {want}")
+        problem = label_problem(pair[1])
+        if problem:
+            raise ValueError(f"{path}: prompt {k} ({pair[0]!r}): {problem}")
     return [Prompt(text, labels, next(iter(labels), "normal"), wording) for text, labels in pairs]
 
 
-def check_labels(labels) -> bool:
-    """Whether `labels` is a label dict phantom could draw: known findings, each with exactly the attributes
-    the reader judges (side, size, zone; a list of devices for support devices) and values it knows."""
-    if not isinstance(labels, dict) or not set(labels) <= set(P.FINDINGS):
-        return False
+def label_problem(labels) -> str | None:
+    """Why `labels` is not a label dict phantom could draw, or None: known findings, each with exactly the
+    attributes the reader judges (side, size, zone; a list of devices for support devices) and values it knows."""
+    if not isinstance(labels, dict):
+        return f"labels must be a JSON object ({{}} for a normal study), got {labels!r}"
     for name, attrs in labels.items():
+        if name not in P.FINDINGS:
+            return f"unknown finding {name!r}; the phantom's are {', '.join(P.FINDINGS)}"
         allowed = {"devices": P.DEVICES} if name == "support_devices" else \
             {a: R.HEADS[h] for h, (f, a) in R.OF.items() if f == name}
         if not isinstance(attrs, dict) or set(attrs) != set(allowed):
-            return False
+            return f"{name} takes exactly {{{', '.join(allowed)}}}, got {attrs!r}"
         for a, v in attrs.items():
             if not ((isinstance(v, list) and v and set(v) <= set(allowed[a])) if a == "devices" else v in allowed[a]):
-                return False
-    return True
+                return f"{name} {a} {v!r} is not {'a non-empty list of ' if a == 'devices' else 'one of '}" \
+                       f"{', '.join(allowed[a])}"
+    return None
 
 
 def spread(prompts: list, k: int) -> list:

@@ -154,11 +154,9 @@ class StableDiffusion:
 
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = (n, self.unet.config.in_channels, height // f, width // f)
-        latents = torch.randn(shape, generator=generator).to(self.device, self.dtype)
-        latents = latents * sched.init_noise_sigma
+        latents = torch.randn(shape, generator=generator).to(self.device, self.dtype)  # x_T ~ N(0, I)
         for t in tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False):
             x = torch.cat([latents, latents]) if guided else latents  # (2n or n, 4, h, w)
-            x = sched.scale_model_input(x, t)
             pred = self.unet(x, t.to(self.device), context)  # noise, or v for a v-prediction model
             if guided:
                 pred_neg, pred_prompt = pred.chunk(2)

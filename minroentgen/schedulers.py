@@ -104,7 +104,6 @@ class Scheduler:
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # abar_t, (T,) fp32 on the CPU
         self.final_alpha_cumprod = torch.tensor(1.0) if c.set_alpha_to_one else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = torch.arange(c.num_train_timesteps - 1, -1, -1)  # all of them, until set_timesteps
         self._abar_table = self.alphas_cumprod  # add_noise's copy, kept on the device it was last used on
@@ -144,7 +143,7 @@ class Scheduler:
         """Pick the timesteps to sample at, in descending order (a LongTensor on the CPU)."""
         n, T = num_inference_steps, self.config.num_train_timesteps
         if not 1 <= n <= T:
-            raise ValueError(f"num_inference_steps must be in [1, {T}], got {n}")
+            raise ValueError(f"steps must be from 1 to {T} (the training timesteps), got {n}")
         if self.config.timestep_spacing == "leading":  # 0, r, 2r, ... plus the offset
             timesteps = np.arange(n)[::-1] * (T // n) + self.config.steps_offset
         elif self.config.timestep_spacing == "trailing":  # T-1, T-1-T/n, ... (rounded)
@@ -152,14 +151,10 @@ class Scheduler:
         else:  # "linspace": evenly from T-1 down to 0
             timesteps = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
         if timesteps[0] >= T:
-            raise ValueError(f"num_inference_steps={n} with steps_offset={self.config.steps_offset} gives timestep "
-                             f"{timesteps[0]} >= num_train_timesteps={T}; use fewer steps")
+            raise ValueError(f"{n} steps with the scheduler's steps_offset={self.config.steps_offset} give timestep "
+                             f"{timesteps[0]}, past the last training timestep {T - 1}; use fewer steps")
         self.num_inference_steps = n
         self.timesteps = torch.from_numpy(timesteps.copy())
-
-    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
-        """These samplers feed x_t to the network as is."""
-        return sample
 
     def _stride(self) -> int:
         """DDIM and PNDM step from t to t - T // n (whatever the spacing, as diffusers does)."""

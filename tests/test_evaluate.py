@@ -189,14 +189,17 @@ def test_prompt_files(tmp_path):
     assert len(blind5) == 42 and {p.group for p in blind5} == set(P.FINDINGS) | {"normal"}
     assert [sum(len(p.labels) == k for p in blind5) for k in (2, 3)] == [13, 2] and len({p.text for p in blind5}) == 42
     R.targets([p.labels for p in blind5])
-    assert all(E.check_labels(p.labels) for p in E.PROMPTS)
+    assert not any(E.label_problem(p.labels) for p in E.PROMPTS)
     bad = [{"effusion": {}}, {"pleural_effusion": {"side": "left"}}, {"pneumothorax": {"side": "up", "size": "small"}},
            {"nodule": {"zone": "left upper", "size": "moderate"}}, {"support_devices": {"devices": []}},
            {"support_devices": {"devices": ["stent"]}}, {"cardiomegaly": {"size": "large"}}, [], "normal"]
-    assert not any(E.check_labels(b) for b in bad)
+    assert all(E.label_problem(b) for b in bad)
+    assert E.label_problem({"pneumothorax": {"side": "up", "size": "small"}}) == \
+        "pneumothorax side 'up' is not one of left, right"
+    assert E.label_problem({"effusion": {}}).startswith("unknown finding 'effusion'; the phantom's are ")
     files = [("[1, 2", "cannot read prompts"), ('{"items": []}', "cannot read prompts"),
              ('{"prompts": [["Edema.", {"edema": {}}], ["Big heart."]]}', "prompt 1 is not"),
-             ('{"prompts": [["Edema.", {"oedema": {}}]]}', "prompt 0 is not")]
+             ('{"prompts": [["Edema.", {"oedema": {}}]]}', "prompt 0 \\('Edema.'\\): unknown finding 'oedema'")]
     for k, (content, match) in enumerate(files):
         (tmp_path / f"{k}.json").write_text(content)
         with pytest.raises(ValueError, match=match):

@@ -377,7 +377,7 @@ def test_lr_schedule_and_ema():
     (["--data", "DATA", "--init", "tiny", "--keep", "-1"], "--keep must be at least 0, got -1"),
     (["--data", "DATA", "--init", "tiny", "--lr", "-0.001"], "--lr must be positive"),
     (["--data", "DATA", "--init", "tiny", "--lr", "nan"], "--lr must be positive, got nan"),
-    (["--data", "DATA", "--init", "tiny", "--text-augment", "1.5"], "--text-augment must be in [0, 1]"),
+    (["--data", "DATA", "--init", "tiny", "--text-augment", "1.5"], "--text-augment is a probability: it must be in [0, 1], got 1.5"),
 ])
 def test_bad_input_gets_a_one_line_error(extra, says, data, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
