@@ -230,7 +230,7 @@ def _at(img: np.ndarray, size: int) -> np.ndarray:
     return img if img.shape[-1] == size else resize(img[None], size)[0, 0].mul(255).round().to(torch.uint8).numpy()
 
 
-def render(labels: dict, size: int, rng) -> np.ndarray:
+def phantom_at(labels: dict, size: int, rng) -> np.ndarray:
     """A phantom with `labels` at `size` px; below phantom's smallest size it is rendered larger and shrunk."""
     return _at(P.render(labels, max(size, P.MIN_SIZE), rng), size)
 
@@ -243,7 +243,8 @@ def heldout(n: int, size: int, progress: bool = False) -> np.ndarray:
 
 def phantoms_like(labels: dict, n: int, size: int, stream: int) -> np.ndarray:
     """n phantoms showing exactly `labels` (different patients), (n, size, size) uint8."""
-    return np.stack([render(labels, size, np.random.default_rng([stream, _labels_seed(labels), i])) for i in range(n)])
+    rngs = [np.random.default_rng([stream, _labels_seed(labels), i]) for i in range(n)]
+    return np.stack([phantom_at(labels, size, rng) for rng in rngs])
 
 
 @torch.no_grad()
@@ -256,7 +257,7 @@ def through_vae(vae, images: np.ndarray) -> np.ndarray:
     return to_grayscale_uint8(vae.decode(vae.encode(x).mode()).float().cpu()).numpy()
 
 
-def generate(sd, prompt: str, n: int, seed: int, **settings) -> np.ndarray:
+def samples_of(sd, prompt: str, n: int, seed: int, **settings) -> np.ndarray:
     """n samples of one prompt as (n, H, W) uint8: the images of `sample.py PROMPT --n n --seed seed`."""
     return to_grayscale_uint8(sd(prompt, n=n, seed=seed, progress=False, **settings)).numpy()
 
@@ -316,7 +317,7 @@ def run(sd, reader, prompts=PROMPTS, seeds: int = 16, seed: int = 0, steps=None,
             imgs = phantoms_like(p.labels, seeds, size, REAL_SEED)
             imgs = through_vae(sd.vae, imgs) if reconstruct else imgs
         else:
-            imgs = generate(sd, p.text, seeds, seed, steps=steps, guidance=guidance, scheduler=scheduler)
+            imgs = samples_of(sd, p.text, seeds, seed, steps=steps, guidance=guidance, scheduler=scheduler)
         key = json.dumps(p.labels, sort_keys=True)
         if key not in refs:  # real phantoms of the same labels, shared by both wordings
             x_ref = resize(phantoms_like(p.labels, seeds, size, REFERENCE_SEED), norm)

@@ -315,8 +315,9 @@ def _level(**children: list[nn.Module]) -> nn.Module:
 # ----------------------------------------------------------------------------- the UNet
 
 class UNet2DConditionModel(nn.Module):
-    """eps_theta(z_t, t, c) of LDM Eq. 3 (noise, or v for a v-prediction model). Set `gradient_checkpointing = True` to recompute every
-    ResBlock and spatial transformer in the backward pass while training (less memory, more time)."""
+    """eps_theta(z_t, t, c) of LDM Eq. 3 (noise, or v for a v-prediction model). Set
+    `gradient_checkpointing = True` to recompute every ResBlock and spatial transformer in the backward
+    pass while training (less memory, more time)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from minroentgen.layouts import (WeightsError, count, diffusers_to_original, few,
-                                original_to_diffusers, text_model_prefixed)
+from .layouts import WeightsError, count, diffusers_to_original, few, original_to_diffusers, text_model_prefixed
 
 
 def _one_line(e: Exception) -> str:

@@ -90,7 +90,8 @@ def torchmetrics_ms_ssim(x, y):
 
 
 def structured(n, size, seed):
-    imgs = np.stack([E.render(P.sample_labels(np.random.default_rng([seed, k])), size, np.random.default_rng([seed, k]))
+    imgs = np.stack([E.phantom_at(P.sample_labels(np.random.default_rng([seed, k])), size,
+                                  np.random.default_rng([seed, k]))
                      for k in range(n)])
     return E.resize(imgs, size).double()
 
@@ -244,7 +245,7 @@ def test_resize_and_small_phantoms():
     block = img.reshape(128, 2, 128, 2).mean((1, 3)) / 255  # how the reader's training data was shrunk
     np.testing.assert_allclose(E.resize(img[None], 128)[0, 0].numpy(), block, atol=1e-6)
     assert E.resize(img[None], 512).shape == (1, 1, 512, 512)
-    small = E.render({"edema": {}}, 32, np.random.default_rng(0))  # below phantom's 64: rendered at 64, shrunk
+    small = E.phantom_at({"edema": {}}, 32, np.random.default_rng(0))  # below phantom's 64: rendered at 64, shrunk
     assert small.shape == (32, 32) and small.dtype == np.uint8 and small.std() > 10
 
 
@@ -355,7 +356,7 @@ def test_embedded_default_draws_the_side_it_is_asked_for(reader, default_sd):
     """The default model's text control in small (README table in full): a large left and a large right
     effusion, 4 samples each at 10 DDIM steps, as the phantom reader sees them."""
     for side in ("left", "right"):
-        images = E.generate(default_sd, f"Large {side} pleural effusion.", 4, 0, steps=10)
+        images = E.samples_of(default_sd, f"Large {side} pleural effusion.", 4, 0, steps=10)
         prob, _ = E.read(reader, E.resize(images, 128))
         present = prob["present"][:, E.P.FINDINGS.index("pleural_effusion")] > 0.5
         on_side = prob["effusion_side"].argmax(1) == E.R.HEADS["effusion_side"].index(side)
@@ -367,6 +368,6 @@ def test_embedded_default_adds_no_device_beside_a_pneumothorax(reader, default_s
     side, and at most one read with anything else. The stage-5 default (SD's noise schedule) drew no tracheal
     air column and was read with a tube in 3 of these 8 (README: 42% beside pneumothoraces); zero terminal SNR
     (weights/README.md, stage 6) fixed it."""
-    prob, _ = E.read(reader, E.resize(E.generate(default_sd, "Small left pneumothorax.", 8, 0), 128))
+    prob, _ = E.read(reader, E.resize(E.samples_of(default_sd, "Small left pneumothorax.", 8, 0), 128))
     counts = E.judge(prob, {"pneumothorax": {"side": "left", "size": "small"}})
     assert counts["place"] >= 7 and counts["unprompted"] <= 1, counts
