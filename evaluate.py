@@ -121,7 +121,7 @@ def main(argv=None):
                           "size": images[0].shape[-1], "seconds": round(time.time() - t0, 1), **settings}
     args.out.mkdir(parents=True, exist_ok=True)
     s = report["settings"]
-    head = (f"Text control of {source}: {len(prompts)} prompts x {args.seeds} samples at {s['size']} px"
+    head = (f"Text control of {source}: {len(prompts)} prompt{'s' * (len(prompts) != 1)} x {args.seeds} samples at {s['size']} px"
             + ("" if phantoms else f", {s['scheduler']} {s['steps']} steps, guidance {s['guidance']}")
             + f"; FID vs {args.heldout} held-out phantoms and vs {args.seeds} phantoms per label set"
             + (" (real phantoms ignore the text: one wording)" if phantoms else

@@ -11,6 +11,7 @@ Stable Diffusion v1.x and RoentGen's own weights.
 import argparse
 import re
 import sys
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -79,7 +80,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
+    """A file name from a prompt: "Épanchement pleural gauche" -> "epanchement-pleural-gauche"."""
+    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()  # accents dropped, letters kept
+    return re.sub(r"[^a-z0-9]+", "-", plain.lower()).strip("-")[:60] or "prompt"
 
 
 def free_path(folder: Path, stem: str) -> Path:

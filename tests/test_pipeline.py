@@ -146,6 +146,11 @@ def test_bad_settings_are_one_line_errors(sources, tmp_path, capsys):
     assert f"--out {tmp_path / 'file'} is a file" in capsys.readouterr().err
 
 
+def test_file_names_keep_the_letters_of_accented_prompts():
+    assert sample.slug("Épanchement pleural gauche, modéré.") == "epanchement-pleural-gauche-modere"
+    assert sample.slug("  ...  ") == "prompt"
+
+
 def test_size_the_model_cannot_take_is_refused(sources, tmp_path, capsys):
     _, root = sources
     with pytest.raises(SystemExit, match="multiple"):
