@@ -68,6 +68,10 @@ def parse_args(argv=None):
         p.error(f"--heldout must be at least 2, got {args.heldout}")
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out {args.out} is a file; give a folder")
+    if (args.out / "results.json").exists():
+        p.error(f"--out {args.out} already holds results (results.json); give a new --out, or delete them first")
+    if not 0 <= args.seed < 2**63:
+        p.error(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
     return args
 
 
@@ -98,6 +102,10 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"evaluate.py: error: {e}")
     sd = None if args.real else load_model(args)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)  # now, not after a long run
+    except OSError as e:
+        sys.exit(f"evaluate.py: error: cannot write --out {args.out} ({e.strerror})")
     phantoms = args.real or args.reconstruct  # phantoms read no text: one wording
     if phantoms and not args.prompts:
         prompts = [p for p in prompts if p.wording == "trained"]
@@ -119,7 +127,6 @@ def main(argv=None):
               f"real phantoms through the VAE of {args.weights}" if args.reconstruct else str(args.weights))
     report["settings"] = {"source": source, "seeds": args.seeds, "seed": args.seed, "heldout": args.heldout,
                           "size": images[0].shape[-1], "seconds": round(time.time() - t0, 1), **settings}
-    args.out.mkdir(parents=True, exist_ok=True)
     s = report["settings"]
     head = (f"Text control of {source}: {len(prompts)} prompt{'s' * (len(prompts) != 1)} x {args.seeds} samples at {s['size']} px"
             + ("" if phantoms else f", {s['scheduler']} {s['steps']} steps, guidance {s['guidance']}")

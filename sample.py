@@ -60,8 +60,10 @@ def parse_args(argv=None):
         v = getattr(args, side)
         if v is not None and v < 1:
             p.error(f"--{side} must be positive, got {v}")
-    if args.guidance is not None and not args.guidance >= 0:
-        p.error(f"--guidance must be a number >= 0 (1 or less turns guidance off), got {args.guidance}")
+    if args.guidance is not None and not 0 <= args.guidance < float("inf"):
+        p.error(f"--guidance must be a finite number >= 0 (1 or less turns guidance off), got {args.guidance}")
+    if args.weights == "" or args.out == "":
+        p.error("--weights and --out must not be empty; give a path")
     if not 0 <= args.seed < 2**63:
         p.error(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
     if Path(args.out).exists() and not Path(args.out).is_dir():

@@ -107,10 +107,15 @@ def parse_args(argv=None):
     a("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
       help="data loading processes per training process (default: 4, or the number of CPU cores if fewer)")
     args = p.parse_args(argv)
-    if args.resume is None and (args.weights is None) == (args.init is None):
+    if args.resume is None and (not args.weights) == (args.init is None):
         p.error("give exactly one of --weights PATH (e.g. SD v1.4) and --init PRESET (random weights)")
-    if args.vae and not args.init:
+    if args.vae is not None and not args.init:
         p.error("--vae replaces the random VAE of --init PRESET; --weights and --resume bring their own VAE")
+    if args.val_steps > 1000:
+        p.error(f"--val-steps must be at most 1000 (the training timesteps), got {args.val_steps}")
+    for flag in ("out", "vae", "resume", "weights", "config"):
+        if getattr(args, flag) == "":
+            p.error(f"--{flag} is empty; give a path")
     T.check_ranges(p, args, at_least_1=("max_steps", "batch_size", "resolution", "save_every", "log_every",
                                         "val_steps", "micro_batch_size"),
                    at_least_0=("keep", "sample_every", "warmup", "weight_decay", "num_workers"),
@@ -236,6 +241,9 @@ def train(args, device, world, rank):
     autocast = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
 
     def save(step):
+        if not all(torch.isfinite(p).all() for p in params):  # e.g. a last step with a huge --lr
+            error(f"the weights hold NaN or infinity after step {step}; not saved (last good checkpoint: "
+                  f"{T.latest_checkpoint(out) or 'none'}); try a lower --lr")
         if rank == 0:
             state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                      "batch_size": G, "seed": args.seed, "args": json.dumps(vars(args))}

@@ -71,10 +71,13 @@ def parse_args(argv=None):
     a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto: CUDA if there is one")
     a("--num-workers", type=int, default=4, help="data loading processes (default 4)")
     args = p.parse_args(argv)
-    if not args.resume and (args.init is None) == (args.weights is None):
+    if not args.resume and (args.init is None) == (not args.weights):
         p.error("give exactly one of --init PRESET (random weights) and --weights VAE_FOLDER")
     if args.decoder_only and args.init:
         p.error("--decoder-only keeps a trained encoder: give --weights VAE_FOLDER instead of --init")
+    for flag in ("out", "weights"):
+        if getattr(args, flag) == "":
+            p.error(f"--{flag} is empty; give a path")
     T.check_ranges(p, args, at_least_1=("max_steps", "batch_size", "resolution", "save_every", "sample_every",
                                         "log_every"),
                    at_least_0=("keep", "warmup", "kl_weight", "num_workers"), positive=("lr", "max_grad_norm"))
@@ -185,6 +188,9 @@ def main(argv=None):
     shown = torch.stack([dataset[i]["pixel_values"] for i in range(min(8, len(dataset)))]).to(device)
 
     def save(step):  # the checkpoint's vae/config.json carries the scaling factor of its latents
+        if not all(torch.isfinite(p).all() for p in trained):
+            error(f"the weights hold NaN or infinity after step {step}; not saved (last good checkpoint: "
+                  f"{T.latest_checkpoint(out) or 'none'}); try a lower --lr")
         if not args.decoder_only:
             model.config = replace(model.config, scaling_factor=scaling_factor(model, dataset, args.batch_size, device))
         state = {"step": step, "optimizer": opt.state_dict(), "batch_size": args.batch_size, "seed": args.seed,

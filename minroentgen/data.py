@@ -115,7 +115,9 @@ def extract_impression(text: str) -> str:
 # ----------------------------------------------------------------------------- readers
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")
+    # utf-8-sig: spreadsheet programs start a CSV with a byte-order mark
+    return (gzip.open(path, "rt", newline="", encoding="utf-8-sig") if path.suffix == ".gz"
+            else open(path, newline="", encoding="utf-8-sig"))
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -207,7 +209,7 @@ def read_table(path: Path) -> list[Pair]:
         if not isinstance(row, dict) or not {"image", "report"} <= row.keys():
             raise ValueError(f"{path}: row {n} lacks an 'image' or 'report' column; the file needs both "
                              "(image: a path relative to the file, report: the text)")
-        pairs.append(Pair(path.parent / (row["image"] or ""), clean(row["report"] or "")))
+        pairs.append(Pair(path.parent / str(row["image"] or ""), clean(str(row["report"] or ""))))
     return pairs
 
 

@@ -12,6 +12,7 @@ negative prompt (empty by default) in one batch, and the two predictions (noise,
 pred = pred_neg + g * (pred_prompt - pred_neg); g = 1 + w of the paper's (1 + w) eps_c - w eps_u.
 """
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -45,8 +46,8 @@ class SamplingDefaults:
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if type(self.guidance) not in (int, float) or not self.guidance >= 0:
-            raise ValueError(f"guidance must be a number >= 0, got {self.guidance!r}")
+        if type(self.guidance) not in (int, float) or not 0 <= self.guidance < math.inf:
+            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
 
 
 def _build(model_cls, config, state_dict, source: str, device, dtype):
@@ -140,8 +141,8 @@ class StableDiffusion:
             raise ValueError(f"height and width must be multiples of {f} (the VAE's downsampling), got {height}x{width}")
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        if not guidance >= 0:
-            raise ValueError(f"guidance must be >= 0 (1 or less turns guidance off), got {guidance}")
+        if not 0 <= guidance < math.inf:
+            raise ValueError(f"guidance must be finite and >= 0 (1 or less turns guidance off), got {guidance}")
         if negative and guidance <= 1:
             raise ValueError(f"a negative prompt is the unconditional branch of guidance, which guidance {guidance} "
                              f"turns off; give guidance > 1 or no negative prompt")

@@ -348,13 +348,16 @@ def check_out(out: Path, resume: bool):
 
 
 def check_ranges(parser, args, at_least_1=(), at_least_0=(), positive=()):
-    """parser.error for the first numeric flag out of its range (NaN is out of every range)."""
+    """parser.error for the first numeric flag out of its range (NaN and infinity are out of every range)
+    or a --seed outside [0, 2**63)."""
     for keys, ok, what in ((at_least_1, lambda v: v >= 1, "at least 1"), (at_least_0, lambda v: v >= 0, "at least 0"),
                            (positive, lambda v: v > 0, "positive")):
         for key in keys:
             value = getattr(args, key)
-            if value is not None and not ok(value):
-                parser.error(f"--{key.replace('_', '-')} must be {what}, got {value}")
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                parser.error(f"--{key.replace('_', '-')} must be {what} and finite, got {value}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
 
 
 def save_grid(images: torch.Tensor, path: Path, cols: int):

@@ -296,6 +296,8 @@ def test_csv_and_jsonl_paths_relative_to_file(tmp_path, monkeypatch):
     (folder / "list.jsonl").write_text("[1, 2]\n")
     with pytest.raises(ValueError, match="list.jsonl: row 1 lacks an 'image' or 'report' column"):
         read_pairs(folder / "list.jsonl")
+    (folder / "excel.csv").write_bytes(b"\xef\xbb\xbfimage,report\nimages/0000.png,5\n")  # a byte-order mark
+    assert read_pairs(folder / "excel.csv") == [Pair(folder / "images/0000.png", "5")]
     (folder / "binary.csv").write_bytes(b"image,report\n\xff\xfe\x00a.png,x\n")
     with pytest.raises(ValueError, match=r"binary.csv: not UTF-8 text \(byte \d+: invalid start byte\)"):
         read_pairs(folder / "binary.csv")

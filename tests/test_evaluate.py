@@ -333,6 +333,11 @@ def test_script_errors(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"prompts": [["Edema."]]}')
     with pytest.raises(SystemExit, match="prompt 0 is not"):
         run_script(["--prompts", str(tmp_path / "bad.json"), "--real"], capsys)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        run_script(["--real", "--out", str(tmp_path / "old")], capsys)
+    assert "old already holds results (results.json)" in capsys.readouterr().err
     (tmp_path / "empty.json").write_text('{"prompts": []}')
     with pytest.raises(SystemExit, match="empty.json: the prompt list is empty"):
         run_script(["--prompts", str(tmp_path / "empty.json"), "--real"], capsys)

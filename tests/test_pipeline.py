@@ -113,7 +113,8 @@ def test_outputs_metadata_grid_and_no_overwrite(sources, tmp_path, capsys):
     (["x", "--height", "-8"], "positive"),
     (["x", "--steps", "0"], "at least 1"),
     (["x", "--n", "0"], "at least 1"),
-    (["x", "--guidance", "nan"], "--guidance must be a number >= 0"),
+    (["x", "--guidance", "nan"], "--guidance must be a finite number >= 0"),
+    (["x", "--guidance", "inf"], "--guidance must be a finite number >= 0"),
     (["x", "--seed", "-1"], "--seed must be from 0"),
 ])
 def test_bad_arguments_get_one_line_errors(argv, message, capsys):
@@ -126,7 +127,8 @@ def test_bad_settings_are_one_line_errors(sources, tmp_path, capsys):
     from minroentgen.pipeline import StableDiffusion
     folder = shutil.copytree(sources[1] / "safetensors", tmp_path / "w")
     for bad, says in (({"steps": "many"}, "steps must be a positive integer, got 'many'"),
-                      ({"guidance": None}, "guidance must be a number >= 0, got None"),
+                      ({"guidance": None}, "guidance must be a finite number >= 0, got None"),
+                      ({"guidance": float("inf")}, "guidance must be a finite number >= 0, got inf"),
                       ({"scheduler": "euler"}, "scheduler must be one of pndm, ddim, ddpm"),
                       ({"stepz": 3}, "unexpected keyword argument 'stepz'")):
         (folder / "sampling.json").write_text(json.dumps(bad))

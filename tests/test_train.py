@@ -178,6 +178,16 @@ def test_old_runs_are_never_overwritten_and_bad_resumes_are_one_line_errors(data
     assert (out / "log.jsonl").read_text() == log
 
 
+def test_weights_that_blew_up_are_never_saved(data, tmp_path, monkeypatch):
+    def nan_gradients(params, max_norm):  # a last update gone wrong while its loss was still finite
+        for p in params:
+            p.grad.fill_(float("nan"))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_gradients)
+    with pytest.raises(SystemExit, match="the weights hold NaN or infinity after step 1; not saved"):
+        run(data, tmp_path, "--max-steps", "1")
+    assert not (tmp_path / "final").exists() and not list(tmp_path.glob("checkpoint-*"))
+
+
 def test_cached_latents_and_loader_workers_give_the_same_losses(data, tmp_path):
     plain = run(data, tmp_path / "plain", "--max-steps", "5")  # 2.5 epochs: later epochs read the cache
     cached = run(data, tmp_path / "cached", "--max-steps", "5", "--cache-latents", "--num-workers", "2")
@@ -374,9 +384,13 @@ def test_lr_schedule_and_ema():
     (["--data", "BAD", "--init", "tiny"], "no usable image-report pair"),
     (["--data", "DATA", "--weights", "missing-weights"], "missing-weights"),
     (["--data", "DATA", "--init", "tiny", "--snr-gamma", "0"], "--snr-gamma must be positive"),
-    (["--data", "DATA", "--init", "tiny", "--keep", "-1"], "--keep must be at least 0, got -1"),
+    (["--data", "DATA", "--init", "tiny", "--keep", "-1"], "--keep must be at least 0 and finite, got -1"),
     (["--data", "DATA", "--init", "tiny", "--lr", "-0.001"], "--lr must be positive"),
-    (["--data", "DATA", "--init", "tiny", "--lr", "nan"], "--lr must be positive, got nan"),
+    (["--data", "DATA", "--init", "tiny", "--lr", "nan"], "--lr must be positive and finite, got nan"),
+    (["--data", "DATA", "--init", "tiny", "--lr", "inf"], "--lr must be positive and finite, got inf"),
+    (["--data", "DATA", "--weights", ""], "exactly one of --weights"),
+    (["--data", "DATA", "--init", "tiny", "--val-steps", "5000"], "--val-steps must be at most 1000"),
+    (["--data", "DATA", "--init", "tiny", "--seed", "-1"], "--seed must be from 0"),
     (["--data", "DATA", "--init", "tiny", "--text-augment", "1.5"], "--text-augment is a probability: it must be in [0, 1], got 1.5"),
 ])
 def test_bad_input_gets_a_one_line_error(extra, says, data, tmp_path, capsys):

@@ -156,6 +156,7 @@ def test_train_py_takes_the_trained_vae(trained, data, tmp_path):
     (train_vae, ["--data", "DATA", "--init", "tiny", "--max-steps", "0"], "--max-steps must be at least 1"),
     (train_vae, ["--data", "DATA", "--init", "tiny", "--keep", "-1"], "--keep must be at least 0"),
     (train_vae, ["--data", "DATA", "--init", "tiny", "--kl-weight", "-1"], "--kl-weight must be at least 0"),
+    (train_vae, ["--data", "DATA", "--weights", ""], "exactly one of --init"),
     (train, ["--data", "DATA", "--weights", "w", "--vae", "v"], "--vae replaces the random VAE of --init"),
     (train, ["--data", "DATA", "--init", "tiny", "--vae", "missing-vae"], "missing-vae: no vae/config.json"),
 ])
