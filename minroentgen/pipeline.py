@@ -13,6 +13,7 @@ pred = pred_neg + g * (pred_prompt - pred_neg); g = 1 + w of the paper's (1 + w)
 """
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -89,6 +90,9 @@ class StableDiffusion:
         scheduler_config = config("scheduler", SchedulerConfig)
         unet_size, vae = models["unet"].config.sample_size, models["vae"].config
         size = unet_size * vae.downsample_factor if unet_size else vae.sample_size  # diffusers' default size
+        if scheduler_config.class_name not in SCHEDULER_NAMES:
+            warnings.warn(f"{path}: its scheduler {scheduler_config.class_name} is not implemented here; sampling "
+                          f"with PNDM on the same noise schedule (choose with --scheduler pndm, ddim or ddpm)")
         defaults = SamplingDefaults(scheduler=SCHEDULER_NAMES.get(scheduler_config.class_name, "pndm"),
                                     height=size, width=size)
         sampling = Path(path if Path(path).is_dir() or config_dir is None else config_dir) / "sampling.json"
@@ -165,6 +169,9 @@ class StableDiffusion:
             step_kwargs = {"eta": eta} if eta else {}
             latents = sched.step(pred, t, latents, generator=generator, **step_kwargs)
         image = self.vae.decode(latents / self.vae.config.scaling_factor)  # (n, 3, H, W)
+        if not torch.isfinite(image).all():  # it would be saved as a black picture
+            raise ValueError("the sample holds NaN or infinity: the weights are damaged (re-download them) or the "
+                             "guidance scale is far too large")
         return image.float().cpu()
 
 

@@ -142,6 +142,14 @@ def test_bad_settings_are_one_line_errors(sources, tmp_path, capsys):
         sd("x", steps=0, progress=False)
     with pytest.raises(ValueError, match="a negative prompt is the unconditional branch of guidance"):
         sd("x", steps=1, guidance=1.0, negative="edema", progress=False)
+    with torch.no_grad():
+        sd.text_encoder.text_model.final_layer_norm.weight.fill_(float("nan"))  # damaged weights, header intact
+    with pytest.raises(ValueError, match="the sample holds NaN or infinity: the weights are damaged"):
+        sd("x", steps=1, progress=False)
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "_class_name": "EulerDiscreteScheduler"}))
+    with pytest.warns(UserWarning, match="EulerDiscreteScheduler is not implemented here; sampling with PNDM"):
+        assert StableDiffusion.from_pretrained(folder).defaults.scheduler == "pndm"
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit):
         sample.main(["x", "--weights", str(folder), "--out", str(tmp_path / "file")])
