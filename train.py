@@ -174,10 +174,11 @@ def train(args, device, world, rank):
     amp = AMP[precision]
     log = print if rank == 0 else (lambda *a: None)
 
-    resume = None
+    resume = state = ema_state = None
     try:
         T.check_out(out, args.resume)
-        resume = T.find_resume(out, args.resume) if args.resume else None
+        if args.resume:
+            resume, state, ema_state = T.find_resume(out, args.resume, args.max_steps)
         source = resume or args.weights
         if source:
             sd = StableDiffusion.from_pretrained(source, args.config, device)
@@ -211,10 +212,6 @@ def train(args, device, world, rank):
     ema = T.EMA(denoiser, args.ema_decay) if args.ema_decay > 0 else None
     start = 0
     if resume:
-        state, ema_state = T.load_training_state(resume)
-        if state["step"] > args.max_steps:
-            error(f"--resume: {resume} is at step {state['step']}, past --max-steps {args.max_steps}; "
-                  "give a larger --max-steps")
         if (state["batch_size"], state["seed"]) != (G, args.seed):
             error(f"--resume: {resume} was trained with --batch-size {state['batch_size']} --seed {state['seed']}; "
                   "use the same values to continue its data order")
@@ -241,9 +238,8 @@ def train(args, device, world, rank):
     autocast = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
 
     def save(step):
-        if not all(torch.isfinite(p).all() for p in params):  # e.g. a last step with a huge --lr
-            error(f"the weights hold NaN or infinity after step {step}; not saved (last good checkpoint: "
-                  f"{T.latest_checkpoint(out) or 'none'}); try a lower --lr")
+        if problem := T.blown_up(params, step, out):
+            error(problem)
         if rank == 0:
             state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                      "batch_size": G, "seed": args.seed, "args": json.dumps(vars(args))}

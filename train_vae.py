@@ -143,7 +143,7 @@ def main(argv=None):
     device, out = torch.device("cuda" if cuda else "cpu"), Path(args.out)
     try:
         T.check_out(out, args.resume)
-        resume = T.find_resume(out, True) if args.resume else None
+        resume, state, _ = T.find_resume(out, True, args.max_steps) if args.resume else (None, None, None)
         if resume or args.weights:
             model = T.load_vae(resume or args.weights, device)
         else:
@@ -164,10 +164,6 @@ def main(argv=None):
     opt = torch.optim.AdamW(trained, lr=args.lr)
     start = 0
     if resume:
-        state, _ = T.load_training_state(resume)
-        if state["step"] > args.max_steps:
-            error(f"--resume: {resume} is at step {state['step']}, past --max-steps {args.max_steps}; "
-                  "give a larger --max-steps")
         if (state["batch_size"], state["seed"]) != (args.batch_size, args.seed):
             error(f"--resume: {resume} was trained with --batch-size {state['batch_size']} --seed {state['seed']}; "
                   "use the same values to continue its data order")
@@ -188,9 +184,8 @@ def main(argv=None):
     shown = torch.stack([dataset[i]["pixel_values"] for i in range(min(8, len(dataset)))]).to(device)
 
     def save(step):  # the checkpoint's vae/config.json carries the scaling factor of its latents
-        if not all(torch.isfinite(p).all() for p in trained):
-            error(f"the weights hold NaN or infinity after step {step}; not saved (last good checkpoint: "
-                  f"{T.latest_checkpoint(out) or 'none'}); try a lower --lr")
+        if problem := T.blown_up(trained, step, out):
+            error(problem)
         if not args.decoder_only:
             model.config = replace(model.config, scaling_factor=scaling_factor(model, dataset, args.batch_size, device))
         state = {"step": step, "optimizer": opt.state_dict(), "batch_size": args.batch_size, "seed": args.seed,

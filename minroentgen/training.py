@@ -327,13 +327,25 @@ def load_training_state(folder: Path) -> tuple[dict, dict | None]:
                            f"resume from an earlier checkpoint-NNNNNN folder") from None
 
 
-def find_resume(out: Path, resume) -> Path:
-    """The checkpoint `--resume` means: the latest in `out` (resume "latest" or True), or the folder given."""
+def find_resume(out: Path, resume, max_steps: int) -> tuple[Path, dict, dict | None]:
+    """The checkpoint `--resume` means (the latest in `out` for resume "latest" or True, else the folder
+    given) with its training state and EMA tensors, read once; one-line errors for what cannot continue."""
     folder = latest_checkpoint(out) if resume in ("latest", True) else Path(resume)
     if folder is None:
         raise WeightsError(f"--resume: no checkpoint-NNNNNN folder in {out}; run without --resume to start")
-    load_training_state(folder)  # a clear error now for a folder that is not one
-    return folder
+    state, ema_state = load_training_state(folder)
+    if state["step"] > max_steps:
+        raise ValueError(f"--resume: {folder} is at step {state['step']}, past --max-steps {max_steps}; "
+                         "give a larger --max-steps")
+    return folder, state, ema_state
+
+
+def blown_up(params, step: int, out: Path) -> str | None:
+    """Why the weights must not be saved (NaN or infinity in them, e.g. after a last update gone wrong), or None."""
+    if all(torch.isfinite(p).all() for p in params):
+        return None
+    return (f"the weights hold NaN or infinity after step {step}; not saved (last good checkpoint: "
+            f"{latest_checkpoint(out) or 'none'}); try a lower --lr")
 
 
 def check_out(out: Path, resume: bool):
