@@ -1,7 +1,7 @@
 """Prove text control: generate from a fixed prompt set, read the samples with the phantom reader.
 
 For every finding, side, zone and size, each device and a normal study, in a wording the model was
-trained on and in a paraphrase it was not, sample --seeds images and report (minroentgen/evaluate.py):
+trained on and in a paraphrase it was not, sample --seeds images and report (minroentgen/phantoms/judge.py):
 the prompted finding present (pass >= 90%), on the prompted side or zone (>= 90%), unprompted
 findings (<= 10%), phantom FID against held-out phantoms and against phantoms of the same findings,
 and the mean pairwise MS-SSIM of one prompt's samples beside the same figure for real phantoms.
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from minroentgen import evaluate as E
-from minroentgen import reader as R
+from minroentgen.phantoms import judge as E
+from minroentgen.phantoms import reader as R
 from minroentgen.pipeline import StableDiffusion
 from minroentgen.weights import WeightsError
 
@@ -94,7 +94,7 @@ def load_model(args):
 def main(argv=None):
     args = parse_args(argv)
     if not args.reader.exists():
-        sys.exit(f"evaluate.py: error: no phantom reader at {args.reader}: run `python -m minroentgen.reader --train`")
+        sys.exit(f"evaluate.py: error: no phantom reader at {args.reader}: run `python -m minroentgen.phantoms.reader --train`")
     if args.real:
         torch.set_num_threads(1)  # only the small reader runs: one thread is faster (see reader.py)
     try:

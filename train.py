@@ -5,7 +5,7 @@ The defaults are the paper's: 512x512 frontal images with their impressions, bf1
 
   python train.py --data mimic-cxr-jpg/ --weights ~/models/sd-v1-4 --train-text-encoder --out runs/roentgen
   torchrun --nproc_per_node=8 train.py --data mimic-cxr-jpg/ --weights ~/models/sd-v1-4 --out runs/roentgen
-  python -m minroentgen.phantom --n 2000 --size 64 --out phantoms      # then, on a laptop CPU:
+  python -m minroentgen.phantoms --n 2000 --size 64 --out phantoms      # then, on a laptop CPU:
   python train.py --data phantoms/reports.csv --init tiny --resolution 32 --batch-size 16 --max-steps 2000 \\
                   --lr 1e-3 --warmup 100 --out runs/tiny
   python sample.py "small left pleural effusion" --weights runs/tiny/final

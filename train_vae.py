@@ -18,7 +18,7 @@ AdamW at 1e-3 after a linear warm-up, cosine to 0. LDM's rate, 4.5e-6 per image 
 (7.2e-5 at batch 16), was set for long runs with a GAN; from scratch without one it is slow: the L1 of
 the tiny VAE on 16 phantoms after 100 steps is 0.27, 0.15, 0.11, 0.10 at 7.2e-5, 3e-4, 1e-3, 3e-3.
 
-  python -m minroentgen.phantom --n 2000 --size 128 --out phantoms128
+  python -m minroentgen.phantoms --n 2000 --size 128 --out phantoms128
   python train_vae.py --data phantoms128/reports.csv --init small --resolution 128 --out runs/vae
   python train.py --data phantoms128/reports.csv --init small --vae runs/vae --resolution 128 ... --out runs/ldm
 

@@ -5,7 +5,7 @@ frontal (PA/AP) MIMIC-CXR radiographs at 512x512, each with the impression secti
 the prompt, cut to CLIP's 77 tokens. This module turns three layouts into `Pair(image, report)` lists:
 
   csv        a .csv or .jsonl file (optionally .gz) with `image` (a path relative to the file) and
-             `report` columns; other columns are ignored. `phantom.py` writes this format.
+             `report` columns; other columns are ignored. `python -m minroentgen.phantoms` writes this format.
   mimic-cxr  a MIMIC-CXR-JPG v2.0.0 folder: files/pXX/pNNNNNNNN/sNNNNNNNN/<dicom_id>.jpg,
              mimic-cxr-2.0.0-metadata.csv[.gz] (ViewPosition) and -split.csv[.gz] (the official split),
              with the reports of MIMIC-CXR (mimic-cxr-reports.zip unpacked into the same folder puts

@@ -479,7 +479,7 @@ def test_truncation_with_clip_tokenizer(messy):
 
 
 def test_reads_what_phantom_writes(tmp_path):
-    phantom = pytest.importorskip("minroentgen.phantom")
+    phantom = pytest.importorskip("minroentgen.phantoms.phantom")
     if not hasattr(phantom, "write_dataset"):
         pytest.skip("phantom.write_dataset is not there yet")
     phantom.write_dataset(tmp_path / "phantoms", 3, size=64)

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 import evaluate as script
-from minroentgen import evaluate as E
-from minroentgen import phantom as P
-from minroentgen import phantom_reports as PR
-from minroentgen import reader as R
+from minroentgen import metrics as M
+from minroentgen.phantoms import judge as E
+from minroentgen.phantoms import phantom as P
+from minroentgen.phantoms import reports as PR
+from minroentgen.phantoms import reader as R
 
 BLIND = Path(__file__).resolve().parents[1] / "docs" / "blind_prompts.json"
 BLIND2 = BLIND.with_name("blind_prompts2.json")  # a second blind set, written before stage 10 was sampled
@@ -49,8 +50,8 @@ def test_fid_matches_scipy(n):
     b = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + 0.3
     mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     ref = scipy_frechet(mu1, s1, mu2, s2)
-    assert E.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-8)
-    assert E.fid(a, b) == pytest.approx(ref, rel=1e-8)  # unbiased covariance, as np.cov
+    assert M.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-8)
+    assert M.fid(a, b) == pytest.approx(ref, rel=1e-8)  # unbiased covariance, as np.cov
 
 
 def test_fid_of_fewer_samples_than_dimensions():
@@ -58,8 +59,8 @@ def test_fid_of_fewer_samples_than_dimensions():
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((10, 24)), rng.standard_normal((7, 24)) * 2 + 1
     mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    assert E.fid(a, b) == pytest.approx(E.frechet_distance(mu1, s1, mu2, s2), rel=1e-7)  # sqrt of round-off eigenvalues
-    assert E.fid(a, b) == pytest.approx(scipy_frechet(mu1, s1, mu2, s2), rel=1e-6)
+    assert M.fid(a, b) == pytest.approx(M.frechet_distance(mu1, s1, mu2, s2), rel=1e-7)  # sqrt of round-off eigenvalues
+    assert M.fid(a, b) == pytest.approx(scipy_frechet(mu1, s1, mu2, s2), rel=1e-6)
 
 
 def test_fid_near_singular_covariances():
@@ -68,23 +69,23 @@ def test_fid_near_singular_covariances():
     s1 = (w := rng.standard_normal((d, rank))) @ w.T + 1e-6 * np.eye(d)
     s2 = (w := rng.standard_normal((d, rank))) @ w.T + 1e-6 * np.eye(d)
     mu = rng.standard_normal(d)
-    assert E.frechet_distance(mu, s1, mu * 0, s2) == pytest.approx(scipy_frechet(mu, s1, mu * 0, s2), rel=1e-6)
+    assert M.frechet_distance(mu, s1, mu * 0, s2) == pytest.approx(scipy_frechet(mu, s1, mu * 0, s2), rel=1e-6)
 
 
 def test_fid_properties():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((100, 8))
-    assert abs(E.fid(x, x)) < 1e-8
-    shifts = [E.fid(x, x + s) for s in (0.5, 1.0, 2.0)]
+    assert abs(M.fid(x, x)) < 1e-8
+    shifts = [M.fid(x, x + s) for s in (0.5, 1.0, 2.0)]
     assert shifts == pytest.approx([8 * s**2 for s in (0.5, 1.0, 2.0)], rel=1e-8)  # only the mean term moves
-    assert E.fid(x, 2 * x) > 1  # and a change of spread counts too
+    assert M.fid(x, 2 * x) > 1  # and a change of spread counts too
 
 
 # ----------------------------------------------------------------------------- MS-SSIM
 
 def torchmetrics_ms_ssim(x, y):
     from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as tm
-    w = E.WANG_WEIGHTS[:E.num_scales(x.shape[-1])]
+    w = M.WANG_WEIGHTS[:M.num_scales(x.shape[-1])]
     betas = tuple(float(b) / sum(w) for b in w)
     return tm(x, y, data_range=1.0, kernel_size=11, sigma=1.5, betas=betas, normalize="relu", reduction="none")
 
@@ -103,25 +104,25 @@ def test_ms_ssim_matches_torchmetrics(size):
     noisy = (real + 0.1 * torch.randn(real.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
     rand = torch.rand((1, 1, size, size), generator=g, dtype=torch.float64)
     x, y = torch.cat([real[:1], real, rand]), torch.cat([real[1:], noisy, real[:1]])  # other patient, noisy copy, noise
-    ours, ref = E.ms_ssim(x, y), torchmetrics_ms_ssim(x, y)
+    ours, ref = M.ms_ssim(x, y), torchmetrics_ms_ssim(x, y)
     torch.testing.assert_close(ours, ref, rtol=1e-7, atol=1e-8)  # torchmetrics raises to float32 betas
     assert ((ours[:3] > 0.05) & (ours[:3] < 1)).all() and ours[-1] < ours[0] < ours[1:3].min()
-    assert E.num_scales(size) == {64: 3, 128: 4, 256: 5}[size]
+    assert M.num_scales(size) == {64: 3, 128: 4, 256: 5}[size]
 
 
 def test_ms_ssim_properties():
     x = structured(3, 128, 7)
-    assert torch.allclose(E.ms_ssim(x, x), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(M.ms_ssim(x, x), torch.ones(3, dtype=torch.float64))
     y = x.roll(1, 0)
-    pair = torch.stack([E.ms_ssim(x[i:i + 1], y[i:i + 1])[0] for i in range(3)])
-    torch.testing.assert_close(E.ms_ssim(x, y), pair)  # a batch is pairs, each on its own
-    torch.testing.assert_close(E.ms_ssim(x, y), E.ms_ssim(y, x))
+    pair = torch.stack([M.ms_ssim(x[i:i + 1], y[i:i + 1])[0] for i in range(3)])
+    torch.testing.assert_close(M.ms_ssim(x, y), pair)  # a batch is pairs, each on its own
+    torch.testing.assert_close(M.ms_ssim(x, y), M.ms_ssim(y, x))
     # blurred copies are more alike than different patients
     blurred = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
-    assert (E.ms_ssim(x, blurred) > E.ms_ssim(x, y) + 0.1).all()
-    assert E.mean_pairwise_ms_ssim(x.float()) == pytest.approx(float(E.ms_ssim(x[[0, 0, 1]], x[[1, 2, 2]]).mean()), abs=1e-5)
+    assert (M.ms_ssim(x, blurred) > M.ms_ssim(x, y) + 0.1).all()
+    assert M.mean_pairwise_ms_ssim(x.float()) == pytest.approx(float(M.ms_ssim(x[[0, 0, 1]], x[[1, 2, 2]]).mean()), abs=1e-5)
     with pytest.raises(ValueError, match="at least 11x11"):
-        E.ms_ssim(x[..., :10, :10], x[..., :10, :10])
+        M.ms_ssim(x[..., :10, :10], x[..., :10, :10])
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -254,7 +255,7 @@ def test_resize_and_small_phantoms():
 @pytest.fixture
 def reader():
     if not R.WEIGHTS.exists():
-        pytest.skip(f"{R.WEIGHTS} is missing: run `python -m minroentgen.reader --train`")
+        pytest.skip(f"{R.WEIGHTS} is missing: run `python -m minroentgen.phantoms.reader --train`")
     return R.load()
 
 

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from minroentgen import phantom as P
-from minroentgen import phantom_reports as PR
+from minroentgen.phantoms import phantom as P
+from minroentgen.phantoms import reports as PR
 
 S = 128  # most pixel checks run at the size the default generative model is expected to use
 
@@ -115,7 +115,7 @@ def test_sizes_64_to_512_and_clear_error_otherwise():
 
 
 def test_cli(tmp_path):
-    run = [sys.executable, "-m", "minroentgen.phantom"]
+    run = [sys.executable, "-m", "minroentgen.phantoms"]
     r = subprocess.run(run + ["--n", "4", "--size", "64", "--out", str(tmp_path / "d"), "--seed", "1", "--workers", "2"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

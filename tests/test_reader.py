@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from minroentgen import phantom as P
-from minroentgen import reader as R
+from minroentgen.phantoms import phantom as P
+from minroentgen.phantoms import reader as R
 
 
 def test_shapes_and_targets():
@@ -32,7 +32,7 @@ def test_auroc():
 @pytest.mark.parametrize("size", [128, 256])
 def test_reader_on_fresh_phantoms(size):
     """Issue 3: AUROC >= 0.95 per finding, >= 95% correct side for effusion and pneumothorax."""
-    assert R.WEIGHTS.exists(), f"{R.WEIGHTS} is missing: run `python -m minroentgen.reader --train`"
+    assert R.WEIGHTS.exists(), f"{R.WEIGHTS} is missing: run `python -m minroentgen.phantoms.reader --train`"
     model = R.load()
     images, labels = R.phantoms(300, seed=424242, sizes=(size,))
     res = R.evaluate(model, images, labels)

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 import sample
 import train
-from minroentgen import phantom, training
+from minroentgen import training
+from minroentgen.phantoms import phantom
 from minroentgen.data import ImageReportDataset, read_pairs
 from minroentgen.pipeline import StableDiffusion
 

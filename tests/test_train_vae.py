@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 import train
 import train_vae
-from minroentgen import phantom, training
+from minroentgen import training
+from minroentgen.phantoms import phantom
 from minroentgen.data import ImageReportDataset, read_pairs
 from minroentgen.vae import AutoencoderKL, VAEConfig
 

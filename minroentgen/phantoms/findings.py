@@ -1,13 +1,13 @@
 """The findings drawn into a phantom: one function per label, each changing the maps of `Layers`.
 
 Each gets the pixel grid, the patient, its label's attributes and a random stream of its own (so the patient
-stays the same with or without it); sides and zones are in patient coordinates (phantom_anatomy).
+stays the same with or without it); sides and zones are in patient coordinates (anatomy.py).
 """
 from dataclasses import dataclass
 
 import numpy as np
 
-from .phantom_anatomy import SIDE_SIGN, Grid, Patient, lung_level, soft
+from .anatomy import SIDE_SIGN, Grid, Patient, lung_level, soft
 
 
 @dataclass

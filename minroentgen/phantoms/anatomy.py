@@ -4,7 +4,7 @@ Geometry lives in normalised *patient* coordinates (u, v), both about [-1, 1]:
   u: horizontal; u > 0 is the PATIENT'S LEFT, which (radiological convention: the viewer faces
      the patient) is drawn on the IMAGE'S RIGHT. `SIDE_SIGN["left"] == +1` encodes this once.
   v: vertical, top of the image at -1, feet at +1.
-phantom.render draws the picture from these pieces; phantom_findings adds the findings.
+phantom.render draws the picture from these pieces; findings.py adds the findings.
 """
 from dataclasses import dataclass
 

@@ -3,13 +3,13 @@
 Offline stand-in for MIMIC-CXR: image-report pairs whose labels say exactly which findings are
 shown and where, so a text-to-image model can be trained and checked on a CPU. Not part of the model.
 
-Geometry lives in normalised *patient* coordinates (u, v) (phantom_anatomy.py: u > 0 is the patient's
-left, drawn on the image's right); the findings are drawn by phantom_findings.py. The picture is a density
+Geometry lives in normalised *patient* coordinates (u, v) (anatomy.py: u > 0 is the patient's
+left, drawn on the image's right); the findings are drawn by findings.py. The picture is a density
 map D (soft tissue ~1, aerated lung ~0.3, bone and metal more) turned into brightness like film:
 1 - exp(-k D). Bright = dense (bone, heart, fluid); dark = air.
 
-    python -m minroentgen.phantom --n 10000 --size 256 --out data/phantoms --seed 0
-    python -m minroentgen.phantom --grid docs/phantoms.png
+    python -m minroentgen.phantoms --n 10000 --size 256 --out data/phantoms --seed 0
+    python -m minroentgen.phantoms --grid docs/phantoms.png
 """
 import argparse
 import contextlib
@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from .phantom_anatomy import SIDE_SIGN, Grid, branch, dome, lung_level, sample_patient, soft
-from .phantom_findings import FIND, Layers
-from .phantom_reports import write_report
+from .anatomy import SIDE_SIGN, Grid, branch, dome, lung_level, sample_patient, soft
+from .findings import FIND, Layers
+from .reports import write_report
 
 ZONES = ("right upper", "right lower", "left upper", "left lower")
 DEVICES = ("endotracheal_tube", "central_venous_line", "pacemaker")
@@ -225,7 +225,7 @@ def check_size(size: int):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minroentgen.phantom", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m minroentgen.phantoms", description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1000, help="number of phantoms to write (default 1000)")
     ap.add_argument("--size", type=int, default=256, help=f"image side in pixels, {MIN_SIZE}-{MAX_SIZE} (default 256)")
     ap.add_argument("--out", type=Path, help="output folder: images/*.png and reports.csv")

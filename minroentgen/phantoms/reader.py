@@ -4,9 +4,9 @@ It is the project's judge of whether a generated image shows what its prompt ask
 penultimate features (B, 512) give a "phantom FID". Trained on freshly generated phantoms only, half
 of them blurred, since generated pictures are often softer than the phantoms:
 
-    python -m minroentgen.reader --train            # writes weights/phantom_reader.safetensors
-    python -m minroentgen.reader --refit-devices    # only the device heads, the rest frozen (how the committed one was updated)
-    python -m minroentgen.reader --eval --n 1000    # AUROC per finding on fresh held-out phantoms, sharp and blurred
+    python -m minroentgen.phantoms.reader --train            # writes weights/phantom_reader.safetensors
+    python -m minroentgen.phantoms.reader --refit-devices    # only the device heads, the rest frozen (how the committed one was updated)
+    python -m minroentgen.phantoms.reader --eval --n 1000    # AUROC per finding on fresh held-out phantoms, sharp and blurred
 
 Every input is resampled to 128x128 (area averaging), so one network reads any phantom size.
 """
@@ -21,12 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from minroentgen import phantom as P
-from minroentgen.weights import WeightsError, check_state_dict, read_state_dict, written_atomically
+from . import phantom as P
+from ..weights import WeightsError, check_state_dict, read_state_dict, written_atomically
 
 SIZE = 128
 SEED = 12345  # the training phantoms' data set
-WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "phantom_reader.safetensors"
+WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "phantom_reader.safetensors"
 # Output heads: name -> classes. "present" and "devices" are independent sigmoids, the rest softmaxes
 # that are trained and scored only where their finding is present.
 HEADS = {"present": list(P.FINDINGS), "effusion_side": ["left", "right", "bilateral"],
@@ -219,7 +219,7 @@ def load(path: Path = WEIGHTS) -> PhantomReader:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minroentgen.reader", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m minroentgen.phantoms.reader", description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", action="store_true", help="train on fresh phantoms and save the weights")
     ap.add_argument("--refit-devices", action="store_true", help="refit only the device heads of the saved weights "
                     "on the training phantoms, the rest frozen (train does this last; this updates an older reader)")

@@ -1,0 +1,12 @@
+"""The offline world: procedural chest X-ray phantoms that stand in for MIMIC-CXR, and their judge.
+
+Not part of the model. Real weights and images cannot be downloaded here, so the project trains and
+checks its text-to-image models on pictures whose labels say exactly what they show:
+
+    anatomy.py   patient, pixel grid in patient coordinates, lungs, vessels, bones
+    findings.py  one drawing function per finding (effusion, pneumothorax, nodule, devices, ...)
+    reports.py   the report writer: labels -> an impression in many phrasings
+    phantom.py   labels, render, the data set writer (`python -m minroentgen.phantoms --out DIR`)
+    reader.py    a small CNN that reads findings off a phantom: the radiologist of the evaluation
+    judge.py     text control: prompts, samples, what the reader sees, FID and MS-SSIM per group
+"""
