@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from minroentgen import training as T
 from minroentgen.data import ImageReportDataset, read_pairs
 from minroentgen.pipeline import StableDiffusion
-from minroentgen.schedulers import Scheduler
+from minroentgen.noise_schedule import NoiseSchedule
 
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 VAL_PROMPTS = ["No acute cardiopulmonary process.", "Small left pleural effusion.",
@@ -201,8 +201,8 @@ def train(args, device, world, rank):
     for m in trained:
         m.train().requires_grad_(True)
         m.gradient_checkpointing = args.gradient_checkpointing
-    scheduler = Scheduler(sd.scheduler_config)
-    denoiser = T.Denoiser(sd.unet, sd.text_encoder, scheduler, args.train_text_encoder, args.snr_gamma)
+    schedule = NoiseSchedule(sd.scheduler_config)
+    denoiser = T.Denoiser(sd.unet, sd.text_encoder, schedule, args.train_text_encoder, args.snr_gamma)
     model = denoiser
     if world > 1:  # gradients of the UNet and the text encoder are averaged over processes in backward
         model = DistributedDataParallel(denoiser, device_ids=[device] if device.type == "cuda" else None)
@@ -230,7 +230,7 @@ def train(args, device, world, rank):
     f = sd.vae.config.downsample_factor
     latent_shape = (sd.vae.config.latent_channels, args.resolution // f, args.resolution // f)
     data = T.PositionDataset(dataset, sd.tokenizer, args.seed, latent_shape,
-                             scheduler.config.num_train_timesteps, args.text_dropout, args.text_augment)
+                             schedule.config.num_train_timesteps, args.text_dropout, args.text_augment)
     sampler = T.StepSampler(start, micro, accumulation, world, rank)
     batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=args.num_workers,
                                                pin_memory=device.type == "cuda"))

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from minroentgen import training as T
 from minroentgen import vae
+from minroentgen.configs import VAE_PRESETS
 from minroentgen.data import ImageReportDataset, read_pairs
 
 
@@ -48,8 +49,8 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--data", required=True, help="a .csv/.jsonl file (image, report columns), a MIMIC-CXR-JPG or Open-I folder")
     a("--dataset", choices=["csv", "mimic-cxr", "openi"], help="the layout of --data (default: inferred from it)")
-    a("--init", choices=sorted(vae.PRESETS), help="start from random weights of a named VAE config (minroentgen/vae.py "
-      "PRESETS): sd15 is SD's (84M parameters, downsampling f = 8), small the embedded default's (2.7M, f = 4), "
+    a("--init", choices=sorted(VAE_PRESETS), help="start from random weights of a named VAE config (minroentgen/configs.py "
+      "VAE_PRESETS): sd15 is SD's (84M parameters, downsampling f = 8), small the embedded default's (2.7M, f = 4), "
       "tiny the tests' (0.7M, f = 2)")
     a("--weights", help="start from a trained VAE instead: a diffusers vae/ folder or a folder holding one")
     a("--out", required=True, help="output folder: vae/ (the result), checkpoint-NNNNNN/, samples/, log.jsonl")
@@ -149,7 +150,7 @@ def main(argv=None):
         else:
             with torch.random.fork_rng(devices=[]):  # nn.Module initialisers draw from the global generator
                 torch.manual_seed(args.seed)
-                model = vae.AutoencoderKL(replace(vae.PRESETS[args.init], sample_size=args.resolution)).to(device)
+                model = vae.AutoencoderKL(replace(VAE_PRESETS[args.init], sample_size=args.resolution)).to(device)
         f = model.config.downsample_factor
         if args.resolution % f:
             raise ValueError(f"--resolution {args.resolution} is not a multiple of {f}, the VAE's downsampling")

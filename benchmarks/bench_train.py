@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import REFERENCE, check_args, compare, machine, measure, median_and_peak, sd15_configs, write_results  # noqa: E402
 
 from minroentgen.pipeline import StableDiffusion  # noqa: E402
-from minroentgen.schedulers import DDPMScheduler, SchedulerConfig  # noqa: E402
+from minroentgen.configs import SchedulerConfig  # noqa: E402
+from minroentgen.noise_schedule import NoiseSchedule  # noqa: E402
 from minroentgen.tokenizer import CLIPTokenizer  # noqa: E402
 from minroentgen.training import Denoiser  # noqa: E402
 
@@ -76,7 +77,7 @@ def main():
         ours = StableDiffusion.from_pretrained(folder, device=device)
         ours.unet.train().requires_grad_(True)
         opt = torch.optim.AdamW(ours.unet.parameters(), lr=1e-5, weight_decay=1e-2, **fused)
-        denoiser = Denoiser(ours.unet, ours.text_encoder, DDPMScheduler(SchedulerConfig()), train_text_encoder=False)
+        denoiser = Denoiser(ours.unet, ours.text_encoder, NoiseSchedule(SchedulerConfig()), train_text_encoder=False)
 
         def step():
             with torch.no_grad():

@@ -14,13 +14,13 @@ RoentGen fine-tunes it together with the UNet, which is why `gradient_checkpoint
 SD 2 uses OpenCLIP ViT-H/14 (width 1024, exact GELU) up to its penultimate layer, stored as a
 23-layer model with the same parameter names.
 """
-from dataclasses import asdict, dataclass, fields
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .configs import CLIPTextConfig
 
 
 def quick_gelu(x):
@@ -29,52 +29,6 @@ def quick_gelu(x):
 
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # F.gelu: the exact (erf) GELU of OpenCLIP
-
-
-@dataclass(frozen=True)
-class CLIPTextConfig:
-    """Fields and defaults as in transformers' CLIPTextConfig (a text_encoder/config.json); the
-    defaults are CLIP ViT-B/32's text tower, so a config.json that leaves a key out means the same here."""
-    vocab_size: int = 49408
-    hidden_size: int = 512
-    intermediate_size: int = 2048
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 8
-    max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"  # OpenAI CLIP (SD v1); "gelu" for OpenCLIP (SD 2)
-    layer_norm_eps: float = 1e-5
-
-    def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not implemented: use one of {sorted(ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
-                             f"num_attention_heads={self.num_attention_heads}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CLIPTextConfig":
-        """Read a transformers text_encoder/config.json; keys that do not change the output
-        of the text model (token ids, projection_dim, init scales, versions) are ignored."""
-        if d.get("model_type", "clip_text_model") != "clip_text_model":
-            raise ValueError(f"model_type={d['model_type']!r}: expected a CLIP text model config ('clip_text_model')")
-        if d.get("attention_dropout", 0.0) != 0.0:
-            raise ValueError(f"attention_dropout={d['attention_dropout']} is not implemented: set it to 0.0")
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
-    def to_dict(self) -> dict:
-        """A config.json that transformers' CLIPTextModel.from_pretrained builds the same model from."""
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **asdict(self)}
-
-
-PRESETS = {
-    # OpenAI CLIP ViT-L/14 text tower, as in SD v1.x (and RoentGen): 123M parameters.
-    "sd15": CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-    # The text encoder of the tiny SD1-style test pipeline: real vocabulary, 32 wide, 2 layers.
-    "tiny": CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
-    # The embedded default model's text encoder: real vocabulary, 128 wide (the token table is 6.3M of
-    # its 7.1M parameters), 4 layers, CLIP's 64-wide heads and 4x MLP.
-    "small": CLIPTextConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=2),
-}
 
 
 class Embeddings(nn.Module):

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .clip import CLIPTextConfig, CLIPTextModel
-from .schedulers import SchedulerConfig, make_scheduler
+from .clip import CLIPTextModel
+from .configs import CLIPTextConfig, SchedulerConfig, UNetConfig, VAEConfig
+from .schedulers import make_scheduler
 from .tokenizer import CLIPTokenizer
-from .unet import UNet2DConditionModel, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
 from .weights import WeightsError, check_state_dict, load_checkpoint, save_pretrained
 
 SCHEDULER_NAMES = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}

@@ -1,143 +1,32 @@
-"""Noise schedules and samplers: DDPM, DDIM and PNDM (PLMS), with diffusers' semantics.
+"""Samplers: DDPM, DDIM and PNDM (PLMS) walk back from noise, with diffusers' semantics.
 
-The forward process (Ho et al. 2020, "DDPM", eq. 4) noises a clean sample x0 in one jump:
-
-    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,    abar_t = prod_{s<=t} (1 - beta_s)
-
-A network learns to predict eps (or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, Salimans & Ho 2022),
-and a sampler walks back from pure noise over a few of the 1000 training timesteps:
+Each holds the noise schedule (noise_schedule.py: abar_t, the forward process) and steps from x_t to
+x_prev over a few of the 1000 training timesteps, given the network's prediction (eps or v):
 
     DDPM  (Ho et al. 2020, eqs. 6-7): the Gaussian posterior q(x_prev | x_t, x0), mean plus noise.
     DDIM  (Song et al. 2021, eq. 12): the same marginals without (eta=0) or with (eta>0) fresh noise.
     PNDM  (Liu et al. 2022): a linear multistep method (PLMS) over DDIM-like "transfer" steps.
 
-SD's schedule ends at abar_T = 0.0047, not 0: `rescale_betas_zero_snr` (Lin et al. 2024) makes the last
-step pure noise, as sampling starts, and then needs v-prediction (DDIM and DDPM; diffusers' PNDM lacks it).
-
 Every sampler follows diffusers' `DDPMScheduler` / `DDIMScheduler` / `PNDMScheduler` exactly
 (same timesteps, same formulas, same random draws), so a seed gives the same picture in both.
 """
-from dataclasses import asdict, dataclass, fields, replace
-
 import numpy as np
 import torch
 
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """The keys of a diffusers `scheduler_config.json` that change the computation (defaults: SD v1.5)."""
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"  # or "linear"
-    prediction_type: str = "epsilon"  # or "v_prediction"
-    steps_offset: int = 1  # added to "leading" timesteps: SD samples 981, ..., 21, 1 rather than 980, ..., 0
-    set_alpha_to_one: bool = False  # DDIM/PNDM: abar after the last step is 1 (else abar_0)
-    clip_sample: bool = False  # DDPM/DDIM: clamp the predicted x0 to [-1, 1]
-    skip_prk_steps: bool = True  # PNDM: start with PLMS warm-up steps, not Runge-Kutta ones
-    timestep_spacing: str = "leading"  # or "trailing", "linspace"
-    rescale_betas_zero_snr: bool = False  # shift and scale sqrt(abar_t) so that abar_T = 0 (Lin et al. 2024)
-    variance_type: str = "fixed_small"  # DDPM: posterior variance beta~_t (eq. 7)
-    class_name: str = "PNDMScheduler"  # `_class_name`: the sampler the config was saved with
-
-    def __post_init__(self):
-        allowed = {"beta_schedule": ("linear", "scaled_linear"), "prediction_type": ("epsilon", "v_prediction"),
-                   "timestep_spacing": ("leading", "trailing", "linspace"), "skip_prk_steps": (True,),
-                   "variance_type": ("fixed_small",)}
-        for key, values in allowed.items():
-            if getattr(self, key) not in values:
-                raise ValueError(f"scheduler config: {key}={getattr(self, key)!r} is not supported; "
-                                 f"use one of {list(values)}")
-        if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":  # x0 = (x_T - eps) / 0
-            raise ValueError("scheduler config: rescale_betas_zero_snr needs prediction_type='v_prediction' "
-                             "(at zero SNR, x0 cannot be recovered from a predicted eps)")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SchedulerConfig":
-        """Read a diffusers scheduler config; missing keys take SD v1.5's values (not diffusers' defaults)."""
-        unsupported = {"trained_betas": None, "thresholding": False}
-        if d.get("clip_sample"):
-            unsupported["clip_sample_range"] = 1.0
-        for key, value in unsupported.items():
-            if d.get(key, value) != value:
-                raise ValueError(f"scheduler config: {key}={d[key]!r:.40} is not supported; use {value!r}")
-        kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        if "_class_name" in d:
-            kwargs["class_name"] = d["_class_name"]
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict:
-        """A `scheduler_config.json` that diffusers' `<class_name>.from_config` loads to the same sampler."""
-        d = asdict(self)
-        return {"_class_name": d.pop("class_name"), **d}
+from .configs import SchedulerConfig
+from .noise_schedule import NoiseSchedule
 
 
-PRESETS = {
-    "sd15": SchedulerConfig(),
-    "sd21": SchedulerConfig(prediction_type="v_prediction", class_name="DDIMScheduler"),  # SD 2.1 (768-v)
-}
-
-
-def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Betas whose last step leaves no signal (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
-    Steps are Flawed", Alg. 1). SD's schedule ends at abar_T = 0.0047: training never shows the network pure
-    noise, and samples started from it come out washed out. sqrt(abar_t) is shifted so that it ends at 0, then
-    scaled so that it starts where it did. Then eps cannot be predicted at t = T: use v-prediction."""
-    root = torch.cumprod(1 - betas, dim=0).sqrt()  # sqrt(abar_t), (T,)
-    first, last = root[0].clone(), root[-1].clone()
-    abar = ((root - last) * (first / (first - last))) ** 2
-    return 1 - torch.cat([abar[:1], abar[1:] / abar[:-1]])  # beta_t = 1 - abar_t / abar_{t-1}
-
-
-class Scheduler:
-    """The noise schedule (betas, abar_t), the forward process and the training targets."""
+class Sampler:
+    """The timesteps to visit and the bookkeeping shared by the three samplers."""
 
     def __init__(self, config: SchedulerConfig):
-        self.config = c = replace(config, class_name=type(self).__name__)  # to_dict names this sampler
-        if c.beta_schedule == "linear":
-            self.betas = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float32)
-        else:  # "scaled_linear": linear in sqrt(beta), as in the LDM code
-            self.betas = torch.linspace(c.beta_start**0.5, c.beta_end**0.5, c.num_train_timesteps,
-                                        dtype=torch.float32) ** 2
-        if c.rescale_betas_zero_snr:
-            self.betas = zero_terminal_snr(self.betas)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # abar_t, (T,) fp32 on the CPU
+        self.config = c = config.for_sampler(type(self).__name__)  # to_dict names this sampler
+        self.schedule = NoiseSchedule(c)
+        self.alphas_cumprod = self.schedule.alphas_cumprod  # abar_t, (T,)
         self.final_alpha_cumprod = torch.tensor(1.0) if c.set_alpha_to_one else self.alphas_cumprod[0]
         self.num_inference_steps = None
-        self.timesteps = torch.arange(c.num_train_timesteps - 1, -1, -1)  # all of them, until set_timesteps
-        self._abar_table = self.alphas_cumprod  # add_noise's copy, kept on the device it was last used on
-
-    # --- training: forward process and targets ---
-
-    def _abar(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """abar_t for t (B,), shaped (B, 1, ..., 1) to broadcast over x, in x's dtype on x's device."""
-        if self._abar_table.device != x.device:  # copied once, so later calls do no host sync
-            self._abar_table = self.alphas_cumprod.to(x.device)
-        abar = self._abar_table.to(x.dtype)[t.to(x.device)]  # (B,)
-        return abar.view(-1, *[1] * (x.ndim - 1))
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Sample q(x_t | x0) (DDPM eq. 4): sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; t is a LongTensor (B,)."""
-        abar = self._abar(t, x0)
-        return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
-
-    def get_velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022, Sec. 4)."""
-        abar = self._abar(t, x0)
-        return abar**0.5 * noise - (1 - abar) ** 0.5 * x0
-
-    def snr(self, t: torch.Tensor) -> torch.Tensor:
-        """Signal-to-noise ratio of x_t, abar_t / (1 - abar_t) (Kingma et al. 2021, Variational Diffusion
-        Models), (B,) for t (B,)."""
-        abar = self._abar(t, t.float())  # (B,) in fp32, from the table add_noise keeps on t's device
-        return abar / (1 - abar)
-
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the network learns to output: eps (DDPM eq. 14) or v, per `prediction_type`."""
-        return noise if self.config.prediction_type == "epsilon" else self.get_velocity(x0, noise, t)
-
-    # --- sampling ---
+        self.timesteps = torch.arange(c.num_train_timesteps - 1, -1, -1)  # all, until set_timesteps
 
     def set_timesteps(self, num_inference_steps: int):
         """Pick the timesteps to sample at, in descending order (a LongTensor on the CPU)."""
@@ -167,19 +56,9 @@ class Scheduler:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
     def _predict_x0_eps(self, model_output, sample, abar_t):
-        """The network's x0 and eps estimates: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-        (from eq. 4), or from v: x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v,
-        eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t. `clip_sample` clamps x0 only."""
-        var_t = 1 - abar_t  # the variance of the noise in x_t
-        if self.config.prediction_type == "epsilon":
-            eps = model_output
-            x0 = (sample - var_t**0.5 * eps) / abar_t**0.5
-        else:
-            x0 = abar_t**0.5 * sample - var_t**0.5 * model_output
-            eps = abar_t**0.5 * model_output + var_t**0.5 * sample
-        if self.config.clip_sample:
-            x0 = x0.clamp(-1, 1)
-        return x0, eps
+        """x0 and eps from the prediction (NoiseSchedule.x0_and_eps); `clip_sample` clamps x0 only."""
+        x0, eps = self.schedule.x0_and_eps(model_output, sample, abar_t)
+        return (x0.clamp(-1, 1) if self.config.clip_sample else x0), eps
 
 
 def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
@@ -189,7 +68,7 @@ def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-class DDPMScheduler(Scheduler):
+class DDPMScheduler(Sampler):
     """Ancestral sampling from the posterior q(x_prev | x_t, x0) (Ho et al. 2020, eqs. 6-7)."""
 
     def __init__(self, config: SchedulerConfig):
@@ -216,7 +95,7 @@ class DDPMScheduler(Scheduler):
         return prev_sample
 
 
-class DDIMScheduler(Scheduler):
+class DDIMScheduler(Sampler):
     """Denoising diffusion implicit models (Song et al. 2021, eq. 12)."""
 
     def step(self, model_output, timestep, sample, eta: float = 0.0, generator=None) -> torch.Tensor:
@@ -234,13 +113,22 @@ class DDIMScheduler(Scheduler):
         return prev_sample
 
 
-class PNDMScheduler(Scheduler):
-    """Pseudo linear multistep (PLMS) sampling (Liu et al. 2022), as in SD's code (`skip_prk_steps`).
+class PNDMScheduler(Sampler):
+    """Pseudo linear multistep (PLMS) sampling (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion
+    Models on Manifolds"), as in SD's code (`skip_prk_steps`: no Runge-Kutta warm-up).
 
-    Each step is the paper's "transfer" phi(x_t, eps, t, prev) (eq. 9), fed with an Adams-Bashforth
-    combination of the last (up to four) eps predictions (eq. 12). The first step has no history, so
-    instead of the paper's Runge-Kutta warm-up it is done twice: once with eps_t to reach x_prev',
-    then again from x_t with the mean of eps_t and eps(x_prev'). So `timesteps` repeats its second entry.
+    Each step is the paper's "transfer" phi(x_t, e, t, prev) (eq. 9), a DDIM step, fed with an
+    Adams-Bashforth combination e of the last (up to four) predictions (eq. 12). The first step has no
+    history, so it is taken twice (a trapezoid/Heun step), which is why `timesteps` repeats its second
+    entry (t_0, t_1, t_1, t_2, ...):
+
+        call 1 (t_0):  e_0 = net(x_{t_0});  x' = phi(x_{t_0}, e_0, t_0, t_1)        (a guess)
+        call 2 (t_1):  e' = net(x');        x_{t_1} = phi(x_{t_0}, (e_0 + e')/2, t_0, t_1)
+        call k (t_k):  e_k = net(x_{t_k});  e = AB(e_k, e_{k-1}, ...), order min(k, 4)
+                       x_{t_{k+1}} = phi(x_{t_k}, e, t_k, t_{k+1})
+
+    State, reset by `set_timesteps`: `history` (the last predictions, newest last), `x_first` (x_{t_0},
+    kept from call 1 for the redo in call 2), `calls` (how many steps were taken).
     """
 
     def __init__(self, config: SchedulerConfig):
@@ -248,38 +136,38 @@ class PNDMScheduler(Scheduler):
             raise ValueError("the PNDM sampler does not support a zero-terminal-SNR schedule "
                              "(rescale_betas_zero_snr); sample with ddim or ddpm")
         super().__init__(config)
-        self.counter, self.ets, self.cur_sample = 0, [], None
+        self.calls, self.history, self.x_first = 0, [], None
 
     def set_timesteps(self, num_inference_steps: int):
         """t_0, t_1, t_1, t_2, ..., t_{n-1}; also starts a fresh sampling loop (clears the history)."""
         super().set_timesteps(num_inference_steps)
         ts = self.timesteps
         self.timesteps = torch.cat([ts[:1], ts[1:2], ts[1:]])
-        self.counter, self.ets, self.cur_sample = 0, [], None
+        self.calls, self.history, self.x_first = 0, [], None
 
     def step(self, model_output, timestep, sample, generator=None) -> torch.Tensor:
         """One PLMS step on the model outputs (eps or v); `generator` is unused (PNDM is deterministic)."""
         t = int(timestep)
         stride = self._stride()
         prev = t - stride
-        if self.counter == 1:  # the first step again, from x_{t_0}, with the averaged eps (trapezoid)
-            out = (model_output + self.ets[-1]) / 2
-            sample, self.cur_sample = self.cur_sample, None
-            t, prev = t + stride, t
+        if self.calls == 1:  # call 2: redo the first step from x_{t_0} with the averaged prediction
+            e = (model_output + self.history[-1]) / 2
+            sample, self.x_first = self.x_first, None
+            t, prev = t + stride, t  # timestep says t_1 (where x' is); the redo starts at t_0
         else:
-            self.ets = self.ets[-3:] + [model_output]
-            e = self.ets[::-1]  # newest first
-            if len(e) == 1:  # Euler-like first try
-                out = e[0]
-                self.cur_sample = sample
-            elif len(e) == 2:  # Adams-Bashforth of orders 2, 3, 4
-                out = (3 * e[0] - e[1]) / 2
-            elif len(e) == 3:
-                out = (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12
+            self.history = self.history[-3:] + [model_output]
+            h = self.history[::-1]  # newest first
+            if len(h) == 1:  # call 1: a plain step, to be redone
+                e = h[0]
+                self.x_first = sample
+            elif len(h) == 2:  # Adams-Bashforth of orders 2, 3, 4 (eq. 12)
+                e = (3 * h[0] - h[1]) / 2
+            elif len(h) == 3:
+                e = (23 * h[0] - 16 * h[1] + 5 * h[2]) / 12
             else:
-                out = 1 / 24 * (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3])  # rounds as diffusers does
-        self.counter += 1
-        return self._transfer(sample, t, prev, out)
+                e = 1 / 24 * (55 * h[0] - 59 * h[1] + 37 * h[2] - 9 * h[3])  # (parity: diffusers' rounding)
+        self.calls += 1
+        return self._transfer(sample, t, prev, e)
 
     def _transfer(self, sample, t, prev, model_output):
         """phi (eq. 9): x_prev = sqrt(abar_prev / abar_t) x_t
@@ -293,7 +181,7 @@ class PNDMScheduler(Scheduler):
 SCHEDULERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 
-def make_scheduler(name: str, config: SchedulerConfig) -> Scheduler:
+def make_scheduler(name: str, config: SchedulerConfig) -> Sampler:
     """A fresh sampler by name: "pndm" (the paper's, and SD v1.5's default), "ddim" or "ddpm"."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; use one of {sorted(SCHEDULERS)}")

@@ -29,29 +29,30 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from . import clip, schedulers, unet, vae
+from . import clip, unet, vae
+from .configs import CLIP_PRESETS, SCHEDULER_PRESETS, UNET_PRESETS, VAE_PRESETS, VAEConfig
 from .pipeline import SamplingDefaults, StableDiffusion, image_grid, to_grayscale_uint8
 from .tokenizer import CLIPTokenizer
 from .vae import DiagonalGaussian
 from .weights import DIFFUSERS_VERSION, WeightsError, check_state_dict, read_state_dict, written_atomically
 
-PRESET_NAMES = sorted(unet.PRESETS.keys() & vae.PRESETS.keys() & clip.PRESETS.keys())  # "sd15", "small", "tiny"
+PRESET_NAMES = sorted(UNET_PRESETS.keys() & VAE_PRESETS.keys() & CLIP_PRESETS.keys())  # "sd15", "small", "tiny"
 
 
 def random_model(preset: str, resolution: int, seed: int, device="cpu", vae_model=None) -> StableDiffusion:
     """A Stable Diffusion with random weights from the modules' PRESETS (to train small models from scratch).
     `vae_model` (e.g. one trained by train_vae.py, see `load_vae`) replaces the preset's random VAE."""
-    vae_config = vae.PRESETS[preset] if vae_model is None else vae_model.config
-    unet_config = replace(unet.PRESETS[preset], sample_size=resolution // vae_config.downsample_factor)
+    vae_config = VAE_PRESETS[preset] if vae_model is None else vae_model.config
+    unet_config = replace(UNET_PRESETS[preset], sample_size=resolution // vae_config.downsample_factor)
     if vae_config.latent_channels != unet_config.in_channels:
         raise ValueError(f"the VAE has {vae_config.latent_channels} latent channels but the {preset!r} UNet takes "
                          f"{unet_config.in_channels}; train the VAE with latent_channels={unet_config.in_channels}")
     with torch.random.fork_rng(devices=[]):  # nn.Module initialisers draw from the global generator
         torch.manual_seed(seed)
-        models = [clip.CLIPTextModel(clip.PRESETS[preset]), unet.UNet2DConditionModel(unet_config),
+        models = [clip.CLIPTextModel(CLIP_PRESETS[preset]), unet.UNet2DConditionModel(unet_config),
                   vae_model or vae.AutoencoderKL(vae_config)]  # built last: the other draws do not depend on it
     models = [m.to(device).eval().requires_grad_(False) for m in models]
-    return StableDiffusion(CLIPTokenizer.default(), *models, schedulers.PRESETS["sd15"],
+    return StableDiffusion(CLIPTokenizer.default(), *models, SCHEDULER_PRESETS["sd15"],
                            SamplingDefaults(height=resolution, width=resolution))
 
 
@@ -176,23 +177,23 @@ class Denoiser(nn.Module):
     weighting (Hang et al. 2023, ICCV; diffusers' train_text_to_image --snr_gamma): the nearly clean
     timesteps, whose noise is hardest to tell from image texture and dominates the plain loss, count less."""
 
-    def __init__(self, unet_model, text_encoder, scheduler, train_text_encoder: bool, snr_gamma: float | None = None):
+    def __init__(self, unet_model, text_encoder, schedule, train_text_encoder: bool, snr_gamma: float | None = None):
         super().__init__()
         self.unet, self.text_encoder, self.train_text_encoder = unet_model, text_encoder, train_text_encoder
-        self.scheduler = scheduler  # a schedulers.Scheduler: add_noise, target and snr
+        self.schedule = schedule  # a NoiseSchedule: add_noise, target and snr
         self.snr_gamma = snr_gamma
 
     def forward(self, latents, input_ids, noise, timesteps) -> torch.Tensor:
         """latents z0 (B, C, h, w), already scaled; input_ids (B, 77); noise like latents; timesteps (B,)."""
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             context = self.text_encoder(input_ids)  # (B, 77, D)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)  # z_t, DDPM Eq. 4
+        noisy = self.schedule.add_noise(latents, noise, timesteps)  # z_t, DDPM Eq. 4
         prediction = self.unet(noisy, timesteps, context)  # (B, C, h, w)
-        target = self.scheduler.target(latents, noise, timesteps)
+        target = self.schedule.target(latents, noise, timesteps)
         if not self.snr_gamma:
             return F.mse_loss(prediction.float(), target.float())
-        snr = self.scheduler.snr(timesteps)  # (B,)
-        epsilon = self.scheduler.config.prediction_type == "epsilon"
+        snr = self.schedule.snr(timesteps)  # (B,)
+        epsilon = self.schedule.config.prediction_type == "epsilon"
         weight = snr.clamp(max=self.snr_gamma) / (snr if epsilon else snr + 1)
         return ((prediction.float() - target.float()).square().mean(dim=(1, 2, 3)) * weight).mean()
 
@@ -278,7 +279,7 @@ def load_vae(path, device="cpu") -> vae.AutoencoderKL:
         raise WeightsError(f"{path}: no vae/config.json and vae/{VAE_WEIGHTS}; give a diffusers vae/ folder, "
                            "a folder holding one, or train_vae.py's --out")
     try:
-        config = vae.VAEConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        config = VAEConfig.from_dict(json.loads((folder / "config.json").read_text()))
     except (ValueError, TypeError) as e:
         raise WeightsError(f"{folder / 'config.json'}: {e}") from None
     model = vae.AutoencoderKL(config)

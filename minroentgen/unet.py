@@ -18,130 +18,13 @@ Any latent size works (each upsampler resizes to the skip it meets, as diffusers
 are multiples of 8, where every level halves exactly.
 """
 import math
-from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# ----------------------------------------------------------------------------- config
-
-DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")  # with / without spatial transformers
-UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-
-# config.json keys that must hold one of these values (diffusers' defaults, SD's settings): the code
-# implements only them. A per-block list passes when each entry does.
-_FIXED = {
-    "mid_block_type": ("UNetMidBlock2DCrossAttn",), "act_fn": ("silu",), "center_input_sample": (False,),
-    "downsample_padding": (1,), "mid_block_scale_factor": (1,), "dropout": (0,), "conv_in_kernel": (3,),
-    "conv_out_kernel": (3,), "transformer_layers_per_block": (1,), "reverse_transformer_layers_per_block": (None,),
-    "only_cross_attention": (False,), "mid_block_only_cross_attention": (None, False),
-    "dual_cross_attention": (False,), "cross_attention_norm": (None,), "attention_type": ("default",),
-    "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1,),
-    "time_embedding_type": ("positional",), "time_embedding_dim": (None,), "time_embedding_act_fn": (None,),
-    "timestep_post_act": (None,), "time_cond_proj_dim": (None,), "class_embed_type": (None,),
-    "num_class_embeds": (None,), "class_embeddings_concat": (False,), "projection_class_embeddings_input_dim": (None,),
-    "addition_embed_type": (None,), "addition_time_embed_dim": (None,), "encoder_hid_dim": (None,),
-    "encoder_hid_dim_type": (None,),
-}
-# config.json keys that do not change what the network computes.
-_IGNORED = {"addition_embed_type_num_heads"}  # used only with an addition_embed_type
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """Fields are diffusers' `UNet2DConditionModel` config.json keys; defaults are diffusers' defaults,
-    so a config.json that leaves a key out means the same here as there.
-
-    `attention_head_dim` is, despite its name, the number of attention HEADS per level (a diffusers
-    naming slip kept for compatibility): 8 in SD1 (head size 320/8 = 40 ...), (5, 10, 20, 20) in SD2
-    (64-channel heads). `from_dict` reads `num_attention_heads` into it when a config sets that."""
-    sample_size: int | None = None  # latent side used in training (64 for 512-pixel images)
-    in_channels: int = 4
-    out_channels: int = 4
-    flip_sin_to_cos: bool = True    # timestep features ordered [cos, sin] (SD) instead of [sin, cos]
-    freq_shift: int = 0
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    layers_per_block: int = 2
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    cross_attention_dim: int = 1280
-    attention_head_dim: int | tuple[int, ...] = 8
-    use_linear_projection: bool = False  # proj_in/proj_out: 1x1 convs (SD1) or Linear (SD2)
-    upcast_attention: bool = False       # attention in fp32 (SD 2.1, whose fp16 attention overflows)
-
-    def __post_init__(self):
-        n = len(self.block_out_channels)
-        for key, kinds in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
-            types = getattr(self, key)
-            if len(types) != n or any(t not in kinds for t in types):
-                raise ValueError(f"UNet config: {key}={list(types)} is not supported; use {n} entries "
-                                 f"(one per block_out_channels entry) from {list(kinds)}")
-        for key in ("layers_per_block", "cross_attention_dim"):
-            if not isinstance(getattr(self, key), int):
-                raise ValueError(f"UNet config: {key}={getattr(self, key)!r} is not supported; use one int for all blocks")
-        if not isinstance(self.attention_head_dim, int) and len(self.attention_head_dim) != n:
-            raise ValueError(f"UNet config: attention_head_dim={list(self.attention_head_dim)} needs {n} entries "
-                             "(one per block_out_channels entry) or one int")
-
-    @property
-    def heads(self) -> tuple[int, ...]:
-        """Attention heads per level of the down path (the up path uses them reversed)."""
-        h = self.attention_head_dim
-        return (h,) * len(self.block_out_channels) if isinstance(h, int) else tuple(h)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        """Read a diffusers `unet/config.json` dict."""
-        names = {f.name for f in fields(cls)}
-        known = names | _FIXED.keys() | _IGNORED | {"num_attention_heads"}
-        for key, value in d.items():
-            values = value if isinstance(value, (list, tuple)) else [value]
-            if key in _FIXED and any(v not in _FIXED[key] for v in values):
-                raise ValueError(f"UNet config: {key}={value!r} is not supported (only {_FIXED[key][0]!r})")
-            if key not in known and not key.startswith("_"):
-                raise ValueError(f"UNet config: unknown key {key!r}; is this a UNet2DConditionModel config.json?")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
-        if d.get("num_attention_heads") is not None:  # the correctly named key wins, as in diffusers
-            heads = d["num_attention_heads"]
-            kwargs["attention_head_dim"] = tuple(heads) if isinstance(heads, list) else heads
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict:
-        """A config.json that `diffusers.UNet2DConditionModel.from_config` builds into the same network."""
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        return {"_class_name": "UNet2DConditionModel", **d, "mid_block_type": "UNetMidBlock2DCrossAttn"}
-
-
-_SD15 = UNetConfig(sample_size=64, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
-                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                   block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, norm_num_groups=32,
-                   norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
-                   use_linear_projection=False, upcast_attention=False)
-_TINY = replace(_SD15, sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32)
-PRESETS = {
-    # SD v1.x `unet/config.json` (v1.4 and v1.5 are identical; RoentGen fine-tunes this): 859.5M parameters.
-    "sd15": _SD15,
-    # SD 2.1 (768-v): OpenCLIP-H context of width 1024, 64-channel heads, Linear projections: 865.9M.
-    "sd21": replace(_SD15, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                    use_linear_projection=True, upcast_attention=True),
-    # The tiny UNets of the tests (tiny_test_configs.json), SD1- and SD2-shaped.
-    "tiny": _TINY,
-    "tiny-sd2": replace(_TINY, attention_head_dim=(2, 4), use_linear_projection=True),
-    # The embedded default model: 32x32 latents (128-pixel images, VAE "small"); cross-attention at
-    # 16x16 and 8x8 only (SD1 has it at all but its lowest level; at 32x32 it would cost most): 4.2M.
-    "small": replace(_SD15, sample_size=32, block_out_channels=(32, 64, 128), layers_per_block=1,
-                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                     cross_attention_dim=128, attention_head_dim=4),
-}
-
+from .configs import UNetConfig
 
 # ----------------------------------------------------------------------------- building blocks
 

@@ -13,85 +13,11 @@ loads with `load_state_dict(strict=True)`:
     post_quant_conv -> decoder.conv_in -> decoder.mid_block -> decoder.up_blocks.{i}.resnets.{j},
     .upsamplers.0 -> decoder.conv_norm_out, conv_out
 """
-from dataclasses import asdict, dataclass, fields
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-# ----------------------------------------------------------------------------- config
-
-# config.json keys that must hold exactly these values: the code implements only them.
-_FIXED = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
-          "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
-# config.json keys that do not change what the network computes.
-_IGNORED = {"force_upcast"}  # a pipeline hint: run the VAE in fp32 even in an fp16 pipeline
-
-
-@dataclass(frozen=True)
-class VAEConfig:
-    """Fields are diffusers' `AutoencoderKL` config.json keys; defaults are diffusers' defaults, so a
-    config.json that leaves a key out means the same here as there."""
-    in_channels: int = 3
-    out_channels: int = 3
-    latent_channels: int = 4
-    block_out_channels: tuple[int, ...] = (64,)
-    layers_per_block: int = 1
-    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
-    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
-    norm_num_groups: int = 32
-    scaling_factor: float = 0.18215
-    sample_size: int = 32
-
-    def __post_init__(self):
-        n = len(self.block_out_channels)
-        for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            types = getattr(self, key)
-            if any(t != kind for t in types) or len(types) != n:
-                raise ValueError(f"VAE config: {key}={list(types)} is not supported; "
-                                 f"use {n} x '{kind}' (one per block_out_channels entry)")
-
-    @property
-    def downsample_factor(self) -> int:
-        """Image pixels per latent pixel along each side: 8 for SD."""
-        return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
-        """Read a diffusers `vae/config.json` dict."""
-        names = {f.name for f in fields(cls)}
-        for key, value in d.items():
-            if key in _FIXED and value != _FIXED[key]:
-                raise ValueError(f"VAE config: {key}={value!r} is not supported (only {_FIXED[key]!r})")
-            if key not in names and key not in _FIXED and key not in _IGNORED and not key.startswith("_"):
-                raise ValueError(f"VAE config: unknown key {key!r}; is this an AutoencoderKL config.json?")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
-
-    def to_dict(self) -> dict:
-        """A config.json that `diffusers.AutoencoderKL.from_config` builds into the same network."""
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        return {"_class_name": "AutoencoderKL", **d, **_FIXED}
-
-
-PRESETS = {
-    # SD v1.x `vae/config.json` (identical for v1.4, v1.5 and SD 2.x): 83.7M parameters.
-    "sd15": VAEConfig(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                      layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-                      up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-                      scaling_factor=0.18215, sample_size=512),
-    # The tiny SD1-shaped VAE of the tests: two blocks, so latents are H/2 x W/2.
-    "tiny": VAEConfig(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-                      layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                      up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
-                      scaling_factor=0.18215, sample_size=16),
-    # The embedded default model's VAE (128-pixel phantoms): three blocks, so latents are H/4 x W/4
-    # (32x32x4 at 128); 2.7M parameters. scaling_factor is a placeholder: train_vae.py measures it.
-    "small": VAEConfig(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 128),
-                       layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 3,
-                       up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32,
-                       scaling_factor=0.18215, sample_size=128),
-}
+from .configs import VAEConfig
 
 
 # ----------------------------------------------------------------------------- posterior

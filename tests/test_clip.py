@@ -9,7 +9,9 @@ from safetensors.torch import load_file, save_file
 
 import minroentgen.clip as clip
 from conftest import load_reference_json
-from minroentgen.clip import PRESETS, CLIPTextConfig, CLIPTextModel
+from minroentgen.clip import CLIPTextModel
+from minroentgen.configs import CLIP_PRESETS as PRESETS
+from minroentgen.configs import CLIPTextConfig
 from minroentgen.tokenizer import CLIPTokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import load_reference_json
 
-from minroentgen.schedulers import PRESETS, SchedulerConfig, make_scheduler
+from minroentgen.configs import SCHEDULER_PRESETS as PRESETS
+from minroentgen.configs import SchedulerConfig
+from minroentgen.schedulers import make_scheduler
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -112,9 +114,9 @@ def test_zero_terminal_snr(hub, name, spacing):
     """Lin et al. 2024: the rescaled schedule ends at abar_T = 0, and v-prediction samples from pure noise."""
     zsnr = {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": spacing}
     ours, theirs = pair(hub, name, **zsnr)
-    assert torch.equal(ours.betas, theirs.betas) and torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
+    assert torch.equal(ours.schedule.betas, theirs.betas) and torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
     assert ours.alphas_cumprod[-1] == 0 and ours.alphas_cumprod[0] == pair(hub, name)[0].alphas_cumprod[0]
-    assert (ours.alphas_cumprod[:-1] > 0).all() and (ours.betas <= 1).all()
+    assert (ours.alphas_cumprod[:-1] > 0).all() and (ours.schedule.betas <= 1).all()
     assert_same_loop(ours, theirs, 10, seed=3, prediction_type="v_prediction")
     assert ours.timesteps[0] == (999 if spacing == "trailing" else 901)
     assert SchedulerConfig.from_dict(dict(theirs.config)) == ours.config  # saved and read back, either side
@@ -184,12 +186,12 @@ def test_add_noise_velocity_target(hub, prediction_type, shape):
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     t = torch.tensor([0, 1, 500, 998, 999, 123])
-    noisy = ours.add_noise(x0, noise, t)
+    noisy = ours.schedule.add_noise(x0, noise, t)
     assert (noisy - theirs.add_noise(x0, noise, t)).abs().max() <= TOL
     assert (noisy - x0).abs().max() > 0.1 and noisy.shape == x0.shape
-    v = ours.get_velocity(x0, noise, t)
+    v = ours.schedule.get_velocity(x0, noise, t)
     assert (v - theirs.get_velocity(x0, noise, t)).abs().max() <= TOL
-    target = ours.target(x0, noise, t)
+    target = ours.schedule.target(x0, noise, t)
     assert torch.equal(target, noise if prediction_type == "epsilon" else v)
 
 
@@ -200,14 +202,14 @@ def test_add_noise_low_precision(hub, dtype):
     x0, noise = torch.randn(4, 4, 8, 8, generator=g).to(dtype), torch.randn(4, 4, 8, 8, generator=g).to(dtype)
     t = torch.randint(0, 1000, (4,), generator=g)
     for f in ("add_noise", "get_velocity"):
-        a, b = getattr(ours, f)(x0, noise, t), getattr(theirs, f)(x0, noise, t)
+        a, b = getattr(ours.schedule, f)(x0, noise, t), getattr(theirs, f)(x0, noise, t)
         assert a.dtype == dtype and torch.equal(a, b)
 
 
 def test_schedule_matches(hub):
     for name in CLASSES:
         ours, theirs = pair(hub, name)
-        assert torch.equal(ours.betas, theirs.betas) and torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
+        assert torch.equal(ours.schedule.betas, theirs.betas) and torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
         assert ours.alphas_cumprod.dtype == torch.float32
         x = torch.randn(1, 4, 2, 2)  # so these samplers start from N(0, I) and feed x_t to the UNet as is
         assert theirs.init_noise_sigma == 1.0 and theirs.scale_model_input(x, 999) is x
@@ -269,10 +271,10 @@ def test_cuda_no_host_sync_and_cpu_generator(hub):
     g = torch.Generator("cuda").manual_seed(0)
     x0, noise = (torch.randn(4, 4, 8, 8, generator=g, device="cuda", dtype=torch.float16) for _ in range(2))
     t = torch.randint(0, 1000, (4,), generator=g, device="cuda")
-    ours.add_noise(x0, noise, t)  # the first call copies abar to the GPU
+    ours.schedule.add_noise(x0, noise, t)  # the first call copies abar to the GPU
     torch.cuda.set_sync_debug_mode("error")
     try:
-        noisy, target = ours.add_noise(x0, noise, t), ours.target(x0, noise, t)
+        noisy, target = ours.schedule.add_noise(x0, noise, t), ours.schedule.target(x0, noise, t)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(noisy, theirs.add_noise(x0, noise, t))

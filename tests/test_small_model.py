@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from minroentgen import clip, training, unet, vae
+from minroentgen import configs as C
+from minroentgen import training
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -19,8 +20,9 @@ def small():
 
 
 def test_presets_round_trip_through_their_config_json():
-    for module, config_cls in ((vae, vae.VAEConfig), (unet, unet.UNetConfig), (clip, clip.CLIPTextConfig)):
-        config = module.PRESETS["small"]
+    for presets, config_cls in ((C.VAE_PRESETS, C.VAEConfig), (C.UNET_PRESETS, C.UNetConfig),
+                                (C.CLIP_PRESETS, C.CLIPTextConfig)):
+        config = presets["small"]
         assert config_cls.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 

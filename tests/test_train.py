@@ -274,9 +274,10 @@ def test_step_sampler_splits_each_global_batch_into_disjoint_slices():
 def test_min_snr_loss_is_diffusers_train_text_to_image_weighting(prediction_type):
     diffusers = pytest.importorskip("diffusers")
     from diffusers.training_utils import compute_snr
-    from minroentgen.schedulers import DDPMScheduler, SchedulerConfig
+    from minroentgen.configs import SchedulerConfig
+    from minroentgen.noise_schedule import NoiseSchedule
     sd = training.random_model("tiny", 32, seed=0)
-    ours = DDPMScheduler(SchedulerConfig(prediction_type=prediction_type))
+    ours = NoiseSchedule(SchedulerConfig(prediction_type=prediction_type))
     theirs = diffusers.DDPMScheduler.from_config(ours.config.__dict__)
     g = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(6, 4, 4, 4, generator=g), torch.randn(6, 4, 4, 4, generator=g)

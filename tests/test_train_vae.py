@@ -11,7 +11,8 @@ import train_vae
 from minroentgen import training
 from minroentgen.phantoms import phantom
 from minroentgen.data import ImageReportDataset, read_pairs
-from minroentgen.vae import AutoencoderKL, VAEConfig
+from minroentgen.configs import VAEConfig
+from minroentgen.vae import AutoencoderKL
 
 BASE = ["--init", "tiny", "--resolution", "32", "--batch-size", "4", "--warmup", "5", "--num-workers", "0",
         "--log-every", "1", "--sample-every", "1000", "--save-every", "1000"]

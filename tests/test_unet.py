@@ -9,7 +9,9 @@ from conftest import load_reference_json
 from diffusers import UNet2DConditionModel as DiffusersUNet
 
 import minroentgen.unet as unet
-from minroentgen.unet import PRESETS, UNet2DConditionModel, UNetConfig
+from minroentgen.configs import UNET_PRESETS as PRESETS
+from minroentgen.configs import UNetConfig
+from minroentgen.unet import UNet2DConditionModel
 
 
 def randomise_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -5,7 +5,9 @@ import pytest
 import torch
 from conftest import load_reference_json
 
-from minroentgen.vae import PRESETS, AutoencoderKL, DiagonalGaussian, VAEConfig
+from minroentgen.configs import VAE_PRESETS as PRESETS
+from minroentgen.configs import VAEConfig
+from minroentgen.vae import AutoencoderKL, DiagonalGaussian
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
