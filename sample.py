@@ -37,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="denoising steps (default: the weights' setting, else 75 as in the paper)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 turns guidance off "
                    "(default: the weights' setting, else 4 as in the paper)")
+    p.add_argument("--guidance-rescale", type=float, metavar="PHI", help="guidance rescale phi from 0 to 1 "
+                   "(Lin et al. 2024, Sec. 3.4; they use 0.7 with zero-terminal-SNR models); 0 turns it off "
+                   "(default: the weights' setting, else 0)")
     p.add_argument("--scheduler", choices=["pndm", "ddim", "ddpm"],
                    help="sampler (default: the weights' scheduler, else pndm as in the paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise; the same seed gives the same "
@@ -62,6 +65,8 @@ def parse_args(argv=None):
             p.error(f"--{side} must be positive, got {v}")
     if args.guidance is not None and not 0 <= args.guidance < float("inf"):
         p.error(f"--guidance must be a finite number >= 0 (1 or less turns guidance off), got {args.guidance}")
+    if args.guidance_rescale is not None and not 0 <= args.guidance_rescale <= 1:
+        p.error(f"--guidance-rescale must be from 0 to 1, got {args.guidance_rescale}")
     if args.weights == "" or args.out == "":
         p.error("--weights and --out must not be empty; give a path")
     if not 0 <= args.seed < 2**63:
@@ -112,6 +117,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     d = sd.defaults
     settings = dict(steps=args.steps or d.steps, guidance=d.guidance if args.guidance is None else args.guidance,
+                    guidance_rescale=(d.guidance_rescale if args.guidance_rescale is None
+                                      else args.guidance_rescale),
                     scheduler=args.scheduler or d.scheduler, height=args.height or d.height, width=args.width or d.width)
     written = []
     for prompt in args.prompts:

@@ -10,6 +10,8 @@ This is Stable Diffusion inference (Rombach et al. 2022, Sec. 3.3) as RoentGen s
 Classifier-free guidance (Ho & Salimans 2022, eq. 6): the UNet runs on the prompt and on the
 negative prompt (empty by default) in one batch, and the two predictions (noise, or v) are extrapolated,
 pred = pred_neg + g * (pred_prompt - pred_neg); g = 1 + w of the paper's (1 + w) eps_c - w eps_u.
+Guidance rescale (Lin et al. 2024, Sec. 3.4, eqs. 15-17) then pulls the guided prediction's spread
+back towards the prompt branch's, which large g inflates on zero-terminal-SNR models.
 """
 import json
 import math
@@ -21,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .clip import CLIPTextModel
-from .configs import CLIPTextConfig, SchedulerConfig, UNetConfig, VAEConfig
+from .configs import SCHEDULER_PRESETS, CLIPTextConfig, SchedulerConfig, UNetConfig, VAEConfig
 from .schedulers import make_scheduler
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel
@@ -38,6 +40,7 @@ class SamplingDefaults:
     scheduler: str = "pndm"
     steps: int = 75
     guidance: float = 4.0
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2024 (they use 0.7); 0 turns it off
     height: int = 512
     width: int = 512
 
@@ -50,6 +53,8 @@ class SamplingDefaults:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if type(self.guidance) not in (int, float) or not 0 <= self.guidance < math.inf:
             raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
+        if type(self.guidance_rescale) not in (int, float) or not 0 <= self.guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be a number from 0 to 1, got {self.guidance_rescale!r}")
 
 
 def _build(model_cls, config, state_dict, source: str, device, dtype):
@@ -88,7 +93,9 @@ class StableDiffusion:
                                f"{ckpt.source} ({name})", device, dtype)
                   for name, (model_cls, config_cls) in parts.items()}
         tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer.default()
-        scheduler_config = config("scheduler", SchedulerConfig)
+        # a single file without a scheduler config gets SD's, as diffusers' from_single_file does
+        scheduler_config = (config("scheduler", SchedulerConfig) if "scheduler" in ckpt.configs
+                            else SCHEDULER_PRESETS["sd15"])
         unet_size, vae = models["unet"].config.sample_size, models["vae"].config
         size = unet_size * vae.downsample_factor if unet_size else vae.sample_size  # diffusers' default size
         if scheduler_config.class_name not in SCHEDULER_NAMES:
@@ -131,8 +138,10 @@ class StableDiffusion:
 
     @torch.no_grad()
     def __call__(self, prompt: str, n=1, seed=0, negative="", steps=None, guidance=None,
-                 scheduler=None, height=None, width=None, eta=0.0, progress=True) -> torch.Tensor:
+                 scheduler=None, height=None, width=None, eta=0.0, guidance_rescale=None,
+                 progress=True) -> torch.Tensor:
         """Sample `n` images of one prompt; returns (n, 3, H, W) in [-1, 1], float32 on the CPU.
+        `eta` (DDIM only) adds fresh noise to each step: 0 is deterministic DDIM, 1 is DDPM-like.
 
         Seed s draws the initial latents as
         `torch.randn((n, C, H//f, W//f), generator=torch.Generator("cpu").manual_seed(s))`,
@@ -141,6 +150,8 @@ class StableDiffusion:
         d = self.defaults
         steps, guidance = d.steps if steps is None else steps, d.guidance if guidance is None else guidance
         height, width = d.height if height is None else height, d.width if width is None else width
+        phi = d.guidance_rescale if guidance_rescale is None else guidance_rescale
+        scheduler = scheduler or d.scheduler
         f = self.vae.config.downsample_factor
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f} (the VAE's downsampling), got {height}x{width}")
@@ -148,10 +159,15 @@ class StableDiffusion:
             raise ValueError(f"steps must be at least 1, got {steps}")
         if not 0 <= guidance < math.inf:
             raise ValueError(f"guidance must be finite and >= 0 (1 or less turns guidance off), got {guidance}")
+        if not 0 <= phi <= 1:
+            raise ValueError(f"guidance_rescale must be from 0 to 1, got {phi}")
+        if eta and scheduler != "ddim":
+            raise ValueError(f"eta={eta} is DDIM's noise level; the {scheduler} sampler has none: "
+                             "sample with ddim, or leave eta at 0")
         if negative and guidance <= 1:
             raise ValueError(f"a negative prompt is the unconditional branch of guidance, which guidance {guidance} "
                              f"turns off; give guidance > 1 or no negative prompt")
-        sched = make_scheduler(scheduler or d.scheduler, self.scheduler_config)
+        sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps)
 
         guided = guidance > 1.0  # as diffusers: guidance 1 (or less) means the prompt alone
@@ -167,13 +183,24 @@ class StableDiffusion:
             if guided:
                 pred_neg, pred_prompt = pred.chunk(2)
                 pred = pred_neg + guidance * (pred_prompt - pred_neg)
+                if phi:
+                    pred = rescale_guidance(pred, pred_prompt, phi)
             step_kwargs = {"eta": eta} if eta else {}
             latents = sched.step(pred, t, latents, generator=generator, **step_kwargs)
         image = self.vae.decode(latents / self.vae.config.scaling_factor)  # (n, 3, H, W)
         if not torch.isfinite(image).all():  # it would be saved as a black picture
-            raise ValueError("the sample holds NaN or infinity: the weights are damaged (re-download them) or the "
-                             "guidance scale is far too large")
+            raise ValueError("the sample holds NaN or infinity: in fp16 most often an overflow (try --dtype "
+                             "fp32 or bf16); else damaged weights (re-download them) or far too large guidance")
         return image.float().cpu()
+
+
+def rescale_guidance(pred: torch.Tensor, pred_prompt: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2024, eqs. 15-17: scale the guided prediction to the prompt branch's standard
+    deviation (per sample), then mix phi of that with 1 - phi of the unscaled one (as diffusers'
+    `guidance_rescale`)."""
+    dims = list(range(1, pred.ndim))
+    rescaled = pred * (pred_prompt.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * pred
 
 
 def to_grayscale_uint8(images: torch.Tensor) -> torch.Tensor:

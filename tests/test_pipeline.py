@@ -27,13 +27,14 @@ def sources(tiny_configs, tmp_path_factory):
     return pipe, root
 
 
-def reference_gray(pipe, scheduler, negative=None):
+def reference_gray(pipe, scheduler, negative=None, **extra):
     """diffusers' images as our PNGs hold them: uint8 per channel, then the channel mean."""
     import diffusers
 
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(PROMPT, negative_prompt=negative, num_inference_steps=KW["steps"], guidance_scale=KW["guidance"],
+                  **extra,
                   generator=torch.Generator("cpu").manual_seed(KW["seed"]), num_images_per_prompt=KW["n"],
                   height=KW["size"], width=KW["size"], output_type="np").images  # (n, H, W, 3) in [0, 1]
     rgb = np.round(images * 255)
@@ -83,6 +84,61 @@ def test_zero_terminal_snr_model_same_png_as_diffusers(sources, tmp_path):
         run_sample(tmp_path / "zsnr", "pndm", tmp_path / "pndm")
 
 
+def test_guidance_rescale_same_png_as_diffusers(sources, tmp_path):
+    """Lin et al. 2024's guidance rescale on a zero-terminal-SNR model, as diffusers' `guidance_rescale`."""
+    import diffusers
+
+    pipe, _ = sources
+    original = pipe.scheduler
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(original.config, rescale_betas_zero_snr=True,
+                                                         prediction_type="v_prediction", timestep_spacing="trailing")
+    try:
+        pipe.save_pretrained(tmp_path / "zsnr", safe_serialization=True)
+        expected = reference_gray(pipe, "DDIMScheduler", guidance_rescale=0.7)
+        plain = reference_gray(pipe, "DDIMScheduler")
+    finally:
+        pipe.scheduler = original
+    assert np.abs(expected - plain).max() > 1, "rescaling changed nothing: the test could not fail"
+    paths = run_sample(tmp_path / "zsnr", "ddim", tmp_path / "out", ("--guidance-rescale", "0.7"))
+    got = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
+    assert np.abs(got - expected).max() <= 1
+    (tmp_path / "zsnr" / "sampling.json").write_text('{"guidance_rescale": 0.7}')  # a model's own setting
+    paths = run_sample(tmp_path / "zsnr", "ddim", tmp_path / "out2")
+    got = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
+    assert np.abs(got - expected).max() <= 1
+
+
+def test_switching_sampler_reads_missing_keys_as_diffusers(sources, tmp_path):
+    """A PNDM config has no clip_sample; diffusers' DDIM built from it clips x0 (its default), so ours must."""
+    import diffusers
+
+    pipe, root = sources
+    original = pipe.scheduler
+    pipe.scheduler = diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                             skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    try:
+        assert "clip_sample" not in pipe.scheduler.config
+        pipe.save_pretrained(tmp_path / "pndm", safe_serialization=True)
+        expected = reference_gray(pipe, "DDIMScheduler")  # DDIMScheduler.from_config(pndm.config)
+        assert pipe.scheduler.config.clip_sample
+    finally:
+        pipe.scheduler = original
+    assert np.abs(expected - reference_gray(pipe, "DDIMScheduler")).max() > 1, "clipping changed nothing"
+    paths = run_sample(tmp_path / "pndm", "ddim", tmp_path / "out")
+    got = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
+    assert np.abs(got - expected).max() <= 1
+
+
+def test_eta_is_ddim_only(sources):
+    from minroentgen.pipeline import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained(sources[1] / "safetensors")
+    for name in ("pndm", "ddpm"):
+        with pytest.raises(ValueError, match=f"eta=0.5 is DDIM's noise level; the {name} sampler has none"):
+            sd("x", steps=2, scheduler=name, eta=0.5, progress=False)
+    assert sd("x", steps=2, scheduler="ddim", eta=0.5, progress=False).shape[0] == 1
+
+
 def test_negative_prompt_is_the_unconditional_branch(sources, tmp_path):
     pipe, root = sources
     expected = reference_gray(pipe, "DDIMScheduler", negative="no acute cardiopulmonary process")
@@ -130,6 +186,7 @@ def test_bad_settings_are_one_line_errors(sources, tmp_path, capsys):
                       ({"guidance": None}, "guidance must be a finite number >= 0, got None"),
                       ({"guidance": float("inf")}, "guidance must be a finite number >= 0, got inf"),
                       ({"scheduler": "euler"}, "scheduler must be one of pndm, ddim, ddpm"),
+                      ({"guidance_rescale": 1.5}, "guidance_rescale must be a number from 0 to 1, got 1.5"),
                       ({"stepz": 3}, "unexpected keyword argument 'stepz'")):
         (folder / "sampling.json").write_text(json.dumps(bad))
         with pytest.raises(SystemExit, match=rf"sample.py: error: .*sampling.json: not a valid sampling.json .*{says}"):
@@ -144,7 +201,7 @@ def test_bad_settings_are_one_line_errors(sources, tmp_path, capsys):
         sd("x", steps=1, guidance=1.0, negative="edema", progress=False)
     with torch.no_grad():
         sd.text_encoder.text_model.final_layer_norm.weight.fill_(float("nan"))  # damaged weights, header intact
-    with pytest.raises(ValueError, match="the sample holds NaN or infinity: the weights are damaged"):
+    with pytest.raises(ValueError, match="the sample holds NaN or infinity: in fp16 most often an overflow"):
         sd("x", steps=1, progress=False)
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "_class_name": "EulerDiscreteScheduler"}))
