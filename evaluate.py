@@ -46,6 +46,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="seed of each prompt's initial noise (default 0)")
     a("--steps", type=int, help="denoising steps (default: the weights' setting, else 75 as in the paper)")
     a("--guidance", type=float, help="classifier-free guidance scale (default: the weights' setting, else 4)")
+    a("--guidance-rescale", type=float, metavar="PHI", help="guidance rescale from 0 to 1 (Lin et al. 2024; "
+      "default: the weights' setting, else 0)")
     a("--scheduler", choices=["pndm", "ddim", "ddpm"], help="sampler (default: the weights' scheduler, else pndm)")
     a("--size", type=int, help="with --real: the phantoms' side in pixels (default 128); otherwise the "
       "samples' side (default: the model's size). Everything is judged at the reader's 128x128")
@@ -64,6 +66,8 @@ def parse_args(argv=None):
     for name in ("seeds", "steps", "size", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < (2 if name == "seeds" else 1):
             p.error(f"--{name} must be at least {2 if name == 'seeds' else 1}, got {getattr(args, name)}")
+    if args.guidance_rescale is not None and not 0 <= args.guidance_rescale <= 1:
+        p.error(f"--guidance-rescale must be from 0 to 1, got {args.guidance_rescale}")
     if args.heldout < 2:
         p.error(f"--heldout must be at least 2, got {args.heldout}")
     if args.out.exists() and not args.out.is_dir():
@@ -110,11 +114,13 @@ def main(argv=None):
     if phantoms and not args.prompts:
         prompts = [p for p in prompts if p.wording == "trained"]
     prompts = E.spread(prompts, args.limit) if args.limit else prompts
-    settings = {"steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler}
+    settings = {"steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler,
+                "guidance_rescale": args.guidance_rescale}
     if sd is not None:
         d = sd.defaults
         settings = {"steps": args.steps or d.steps, "guidance": d.guidance if args.guidance is None else args.guidance,
-                    "scheduler": args.scheduler or d.scheduler}
+                    "scheduler": args.scheduler or d.scheduler, "guidance_rescale": (
+                        d.guidance_rescale if args.guidance_rescale is None else args.guidance_rescale)}
         if args.size:
             sd.defaults = replace(d, height=args.size, width=args.size)
     t0 = time.time()
@@ -129,7 +135,8 @@ def main(argv=None):
                           "size": images[0].shape[-1], "seconds": round(time.time() - t0, 1), **settings}
     s = report["settings"]
     head = (f"Text control of {source}: {len(prompts)} prompt{'s' * (len(prompts) != 1)} x {args.seeds} samples at {s['size']} px"
-            + ("" if phantoms else f", {s['scheduler']} {s['steps']} steps, guidance {s['guidance']}")
+            + ("" if phantoms else f", {s['scheduler']} {s['steps']} steps, guidance {s['guidance']}"
+               + (f" rescaled {s['guidance_rescale']}" if s["guidance_rescale"] else ""))
             + f"; FID vs {args.heldout} held-out phantoms and vs {args.seeds} phantoms per label set"
             + (" (real phantoms ignore the text: one wording)" if phantoms else
                " (FID of small sets is biased upwards: compare with `evaluate.py --real`)") + ".\n\n")

@@ -221,7 +221,7 @@ def judge(prob: dict, labels: dict) -> dict:
 
 
 def run(sd, reader, prompts=PROMPTS, seeds: int = 16, seed: int = 0, steps=None, guidance=None,
-        scheduler=None, size: int = 128, heldout_n: int = 1000, progress: bool = True, reconstruct: bool = False):
+        scheduler=None, guidance_rescale=None, size: int = 128, heldout_n: int = 1000, progress: bool = True, reconstruct: bool = False):
     """Generate `seeds` samples per prompt at the model's size (or, with sd=None, render `size`-px
     phantoms of its labels; with reconstruct=True, those phantoms through the model's VAE), read and
     measure them. Returns (report, images): report = {"prompts": rows, "groups": rows} (JSON-able),
@@ -236,7 +236,8 @@ def run(sd, reader, prompts=PROMPTS, seeds: int = 16, seed: int = 0, steps=None,
             imgs = phantoms_like(p.labels, seeds, size, REAL_SEED)
             imgs = through_vae(sd.vae, imgs) if reconstruct else imgs
         else:
-            imgs = samples_of(sd, p.text, seeds, seed, steps=steps, guidance=guidance, scheduler=scheduler)
+            imgs = samples_of(sd, p.text, seeds, seed, steps=steps, guidance=guidance, scheduler=scheduler,
+                              guidance_rescale=guidance_rescale)
         key = json.dumps(p.labels, sort_keys=True)
         if key not in refs:  # real phantoms of the same labels, shared by both wordings
             x_ref = resize(phantoms_like(p.labels, seeds, size, REFERENCE_SEED), norm)
