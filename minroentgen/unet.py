@@ -200,7 +200,21 @@ def _level(**children: list[nn.Module]) -> nn.Module:
 class UNet2DConditionModel(nn.Module):
     """eps_theta(z_t, t, c) of LDM Eq. 3 (noise, or v for a v-prediction model). Set
     `gradient_checkpointing = True` to recompute every ResBlock and spatial transformer in the backward
-    pass while training (less memory, more time)."""
+    pass while training (less memory, more time).
+
+    The skip connections in SD v1.5 (64x64 latents, channels 320/640/1280/1280, 2 ResBlocks a level).
+    The down path pushes 12 activations; each up-path ResBlock pops the latest and concatenates it:
+
+        pushed by              channels @ side        up level  ResBlock inputs (h + popped skip)
+        conv_in                320 @ 64               0 (@8)    1280+1280, 1280+1280, 1280+1280
+        down 0: res, res, down 320, 320 @ 64; 320 @ 32  1 (@16)   1280+1280, 1280+1280, 1280+640
+        down 1: res, res, down 640, 640 @ 32; 640 @ 16  2 (@32)   1280+640,  640+640,   640+320
+        down 2: res, res, down 1280, 1280 @ 16; @ 8     3 (@64)   640+320,   320+320,   320+320
+        down 3: res, res       1280, 1280 @ 8
+
+    so the up levels' ResBlocks take 2560/2560/2560, 2560/2560/1920, 1920/1280/960, 960/640/640
+    channels and give 1280, 1280, 640, 320; each level but the last then upsamples 2x.
+    """
 
     def __init__(self, config: UNetConfig):
         super().__init__()

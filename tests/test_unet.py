@@ -245,3 +245,13 @@ def test_compiles_fullgraph(tiny_configs):
     with torch.no_grad():
         assert torch.allclose(compiled(sample, t, context), ours(sample, t, context), atol=1e-6)
         assert torch.allclose(compiled(sample, 7, context), ours(sample, 7, context), atol=1e-6)
+
+
+def test_skip_channels_are_the_docstring_table():
+    """The table in UNet2DConditionModel's docstring, checked against the built SD v1.5 UNet."""
+    with torch.device("meta"):
+        model = UNet2DConditionModel(PRESETS["sd15"])
+    ins = [[r.conv1.in_channels for r in level.resnets] for level in model.up_blocks]
+    assert ins == [[2560, 2560, 2560], [2560, 2560, 1920], [1920, 1280, 960], [960, 640, 640]]
+    for row in ins:
+        assert " ".join(map(str, row)).replace(" ", "/") in UNet2DConditionModel.__doc__
