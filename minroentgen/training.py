@@ -1,10 +1,14 @@
 """The training recipe of RoentGen: fine-tune Stable Diffusion's UNet (and text encoder) on image-report pairs.
 
-Objective (LDM, Rombach et al. 2022, Eq. 3; DDPM, Ho et al. 2020, Eq. 14 "simple" loss): encode the image
-with the frozen VAE, z0 = scaling_factor * (mean + std * eps_q), draw t ~ U{0, T-1} and eps ~ N(0, I),
-and regress the UNet's output on z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps against eps (or v):
+Objective (LDM, Rombach et al. 2022, Eq. 3; DDPM, Ho et al. 2020, Eq. 14 "simple" loss). One step is
+DDPM's Algorithm 1 on the frozen VAE's latents; where each line happens:
 
-    loss = || eps - eps_theta(z_t, t, tau(report)) ||^2
+    x0, report ~ data;  t ~ U{0, T-1};  eps ~ N(0, I)    PositionDataset (draws by position, below)
+    z0 = scaling_factor * (mean + std * eps_q)           encode_latents: the VAE's posterior sample
+    z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps         Denoiser.forward: schedule.add_noise
+    pred = eps_theta(z_t, t, tau(report))                Denoiser.forward: unet(z_t, t, text_encoder(ids))
+    loss = || eps - pred ||^2   (or v - pred)            Denoiser.forward
+    gradient step on the UNet (and the text encoder)     train.py
 
 Randomness is a function of the sample's position in the training stream, not of the process that
 draws it: position p = 0, 1, 2, ... is dataset index perm_e[p mod N] of epoch e = p // N, and its
@@ -36,24 +40,56 @@ from .tokenizer import CLIPTokenizer
 from .vae import DiagonalGaussian
 from .weights import DIFFUSERS_VERSION, WeightsError, check_state_dict, read_state_dict, written_atomically
 
-PRESET_NAMES = sorted(UNET_PRESETS.keys() & VAE_PRESETS.keys() & CLIP_PRESETS.keys())  # "sd15", "small", "tiny"
+
+# ----------------------------------------------------------------------------- the objective
+
+class Denoiser(nn.Module):
+    """UNet + text encoder -> the denoising loss; the module DDP wraps, so gradients of both sync.
+
+    snr_gamma weighs each example's loss by min(SNR_t, gamma) / SNR_t (v-prediction: / (SNR_t + 1)), Min-SNR
+    weighting (Hang et al. 2023, ICCV; diffusers' train_text_to_image --snr_gamma): the nearly clean
+    timesteps, whose noise is hardest to tell from image texture and dominates the plain loss, count less."""
+
+    def __init__(self, unet_model, text_encoder, schedule, train_text_encoder: bool, snr_gamma: float | None = None):
+        super().__init__()
+        self.unet, self.text_encoder, self.train_text_encoder = unet_model, text_encoder, train_text_encoder
+        self.schedule = schedule  # a NoiseSchedule: add_noise, target and snr
+        self.snr_gamma = snr_gamma
+
+    def forward(self, latents, input_ids, noise, timesteps) -> torch.Tensor:
+        """latents z0 (B, C, h, w), already scaled; input_ids (B, 77); noise like latents; timesteps (B,)."""
+        noisy = self.schedule.add_noise(latents, noise, timesteps)  # z_t, DDPM Eq. 4
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            context = self.text_encoder(input_ids)  # tau(report), (B, 77, D)
+        prediction = self.unet(noisy, timesteps, context)  # (B, C, h, w)
+        target = self.schedule.target(latents, noise, timesteps)  # eps, or v
+        if not self.snr_gamma:
+            return F.mse_loss(prediction.float(), target.float())
+        snr = self.schedule.snr(timesteps)  # (B,)
+        epsilon = self.schedule.config.prediction_type == "epsilon"
+        weight = snr.clamp(max=self.snr_gamma) / (snr if epsilon else snr + 1)
+        return ((prediction.float() - target.float()).square().mean(dim=(1, 2, 3)) * weight).mean()
 
 
-def random_model(preset: str, resolution: int, seed: int, device="cpu", vae_model=None) -> StableDiffusion:
-    """A Stable Diffusion with random weights from the modules' PRESETS (to train small models from scratch).
-    `vae_model` (e.g. one trained by train_vae.py, see `load_vae`) replaces the preset's random VAE."""
-    vae_config = VAE_PRESETS[preset] if vae_model is None else vae_model.config
-    unet_config = replace(UNET_PRESETS[preset], sample_size=resolution // vae_config.downsample_factor)
-    if vae_config.latent_channels != unet_config.in_channels:
-        raise ValueError(f"the VAE has {vae_config.latent_channels} latent channels but the {preset!r} UNet takes "
-                         f"{unet_config.in_channels}; train the VAE with latent_channels={unet_config.in_channels}")
-    with torch.random.fork_rng(devices=[]):  # nn.Module initialisers draw from the global generator
-        torch.manual_seed(seed)
-        models = [clip.CLIPTextModel(CLIP_PRESETS[preset]), unet.UNet2DConditionModel(unet_config),
-                  vae_model or vae.AutoencoderKL(vae_config)]  # built last: the other draws do not depend on it
-    models = [m.to(device).eval().requires_grad_(False) for m in models]
-    return StableDiffusion(CLIPTokenizer.default(), *models, SCHEDULER_PRESETS["sd15"],
-                           SamplingDefaults(height=resolution, width=resolution))
+@torch.no_grad()
+def encode_latents(vae_model, pixels, indices, posterior_eps, cache: dict | None = None) -> torch.Tensor:
+    """Pixels (B, 3, H, W) -> scaled latents z0 (B, C, h, w) in fp32. The posterior moments of each
+    dataset index are memoised in `cache` (on the CPU) when one is given; the posterior sample is drawn
+    with the position's `posterior_eps` either way, so cached and uncached runs train on the same z0."""
+    todo = [j for j, i in enumerate(indices) if cache is None or i not in cache]
+    moments = [None] * len(indices)
+    if todo:
+        posterior = vae_model.encode(pixels[todo])
+        fresh = torch.cat([posterior.mean, posterior.logvar], dim=1)  # (b, 2C, h, w): the moments
+        for j, m in zip(todo, fresh):
+            moments[j] = m
+            if cache is not None:
+                cache[indices[j]] = m.cpu()
+    device = pixels.device
+    moments = torch.stack([m if m is not None else cache[i].to(device) for i, m in zip(indices, moments)])
+    posterior = DiagonalGaussian(moments.float())
+    z = posterior.mean + posterior.std * posterior_eps.to(device)  # the reparameterised sample
+    return z * vae_model.config.scaling_factor  # (B, C, h, w)
 
 
 # ----------------------------------------------------------------------------- randomness by position
@@ -147,55 +183,26 @@ class StepSampler:
             s += 1
 
 
-@torch.no_grad()
-def encode_latents(vae_model, pixels, indices, posterior_eps, cache: dict | None = None) -> torch.Tensor:
-    """Pixels (B, 3, H, W) -> scaled latents z0 (B, C, h, w) in fp32. The posterior moments of each
-    dataset index are memoised in `cache` (on the CPU) when one is given; the posterior sample is drawn
-    with the position's `posterior_eps` either way, so cached and uncached runs train on the same z0."""
-    todo = [j for j, i in enumerate(indices) if cache is None or i not in cache]
-    moments = [None] * len(indices)
-    if todo:
-        posterior = vae_model.encode(pixels[todo])
-        fresh = torch.cat([posterior.mean, posterior.logvar], dim=1)  # (b, 2C, h, w): the moments
-        for j, m in zip(todo, fresh):
-            moments[j] = m
-            if cache is not None:
-                cache[indices[j]] = m.cpu()
-    device = pixels.device
-    moments = torch.stack([m if m is not None else cache[i].to(device) for i, m in zip(indices, moments)])
-    posterior = DiagonalGaussian(moments.float())
-    z = posterior.mean + posterior.std * posterior_eps.to(device)  # the reparameterised sample
-    return z * vae_model.config.scaling_factor  # (B, C, h, w)
+# ----------------------------------------------------------------------------- models, optimisation
+
+PRESET_NAMES = sorted(UNET_PRESETS.keys() & VAE_PRESETS.keys() & CLIP_PRESETS.keys())  # "sd15", "small", "tiny"
 
 
-# ----------------------------------------------------------------------------- the model being trained
-
-class Denoiser(nn.Module):
-    """UNet + text encoder -> the denoising loss; the module DDP wraps, so gradients of both sync.
-
-    snr_gamma weighs each example's loss by min(SNR_t, gamma) / SNR_t (v-prediction: / (SNR_t + 1)), Min-SNR
-    weighting (Hang et al. 2023, ICCV; diffusers' train_text_to_image --snr_gamma): the nearly clean
-    timesteps, whose noise is hardest to tell from image texture and dominates the plain loss, count less."""
-
-    def __init__(self, unet_model, text_encoder, schedule, train_text_encoder: bool, snr_gamma: float | None = None):
-        super().__init__()
-        self.unet, self.text_encoder, self.train_text_encoder = unet_model, text_encoder, train_text_encoder
-        self.schedule = schedule  # a NoiseSchedule: add_noise, target and snr
-        self.snr_gamma = snr_gamma
-
-    def forward(self, latents, input_ids, noise, timesteps) -> torch.Tensor:
-        """latents z0 (B, C, h, w), already scaled; input_ids (B, 77); noise like latents; timesteps (B,)."""
-        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            context = self.text_encoder(input_ids)  # (B, 77, D)
-        noisy = self.schedule.add_noise(latents, noise, timesteps)  # z_t, DDPM Eq. 4
-        prediction = self.unet(noisy, timesteps, context)  # (B, C, h, w)
-        target = self.schedule.target(latents, noise, timesteps)
-        if not self.snr_gamma:
-            return F.mse_loss(prediction.float(), target.float())
-        snr = self.schedule.snr(timesteps)  # (B,)
-        epsilon = self.schedule.config.prediction_type == "epsilon"
-        weight = snr.clamp(max=self.snr_gamma) / (snr if epsilon else snr + 1)
-        return ((prediction.float() - target.float()).square().mean(dim=(1, 2, 3)) * weight).mean()
+def random_model(preset: str, resolution: int, seed: int, device="cpu", vae_model=None) -> StableDiffusion:
+    """A Stable Diffusion with random weights from the modules' PRESETS (to train small models from scratch).
+    `vae_model` (e.g. one trained by train_vae.py, see `load_vae`) replaces the preset's random VAE."""
+    vae_config = VAE_PRESETS[preset] if vae_model is None else vae_model.config
+    unet_config = replace(UNET_PRESETS[preset], sample_size=resolution // vae_config.downsample_factor)
+    if vae_config.latent_channels != unet_config.in_channels:
+        raise ValueError(f"the VAE has {vae_config.latent_channels} latent channels but the {preset!r} UNet takes "
+                         f"{unet_config.in_channels}; train the VAE with latent_channels={unet_config.in_channels}")
+    with torch.random.fork_rng(devices=[]):  # nn.Module initialisers draw from the global generator
+        torch.manual_seed(seed)
+        models = [clip.CLIPTextModel(CLIP_PRESETS[preset]), unet.UNet2DConditionModel(unet_config),
+                  vae_model or vae.AutoencoderKL(vae_config)]  # built last: the other draws do not depend on it
+    models = [m.to(device).eval().requires_grad_(False) for m in models]
+    return StableDiffusion(CLIPTokenizer.default(), *models, SCHEDULER_PRESETS["sd15"],
+                           SamplingDefaults(height=resolution, width=resolution))
 
 
 class EMA:
