@@ -42,8 +42,8 @@ class Embeddings(nn.Module):
     def forward(self, input_ids):  # (B, L) -> (B, L, D)
         L, max_len = input_ids.shape[1], self.position_embedding.num_embeddings
         if L > max_len:
-            raise ValueError(f"input_ids has {L} tokens but the text encoder takes at most {max_len}: "
-                             f"tokenize with max_length={max_len}")
+            raise ValueError(f"input_ids has {L} tokens but the text encoder takes at most "
+                             f"{max_len}: tokenize with max_length={max_len}")
         return self.token_embedding(input_ids) + self.position_embedding.weight[:L]
 
 
@@ -57,9 +57,10 @@ class SelfAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
 
     def forward(self, x):  # (B, L, D)
-        q, k, v = (rearrange(proj(x), "b l (h d) -> b h l d", h=self.heads)  # (B, heads, L, D / heads)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # softmax(q k^T / sqrt(d) + causal mask) v
+        q, k, v = (rearrange(proj(x), "b l (h d) -> b h l d", h=self.heads)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, heads, L, D / heads)
+        # softmax(q k^T / sqrt(d) + causal mask) v
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
@@ -89,7 +90,8 @@ class EncoderLayer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """input_ids (B, L<=77) -> last_hidden_state (B, L, hidden_size), the context SD's UNet attends to.
+    """input_ids (B, L<=77) -> last_hidden_state (B, L, hidden_size), the context SD's UNet
+    attends to.
 
     Parameter names are the published ones (`text_model.encoder.layers.0.self_attn.q_proj.weight`),
     so a diffusers text_encoder/ file loads with strict=True once the old, unused
@@ -112,7 +114,8 @@ class CLIPTextModel(nn.Module):
         x = self.text_model.embeddings(input_ids)  # (B, 77) -> (B, 77, 768)
         for layer in self.text_model.encoder.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, use_reentrant=False)  # keep only x; recompute the layer in backward
+                # keep only x; recompute the layer in backward
+                x = checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x)
         return self.text_model.final_layer_norm(x)  # (B, 77, 768)

@@ -17,24 +17,28 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     eigenvalues, so those of S1 S2 are those of M = S1^(1/2) S2 S1^(1/2): symmetric PSD, real, >= 0.
     The principal root (S1 S2)^(1/2) has their square roots as eigenvalues, hence
     Tr((S1 S2)^(1/2)) = sum_i sqrt(eig_i(M)): two symmetric eigendecompositions, no sqrtm."""
-    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a, dtype=torch.float64)
+                                for a in (mu1, sigma1, mu2, sigma2))
     w, v = torch.linalg.eigh(sigma1)
     root1 = (v * w.clamp(min=0).sqrt()) @ v.T  # S1^(1/2)
     m = root1 @ sigma2 @ root1
-    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()  # tiny negatives are round-off
+    # tiny negatives are round-off
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
     return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
 
 
 def fid(features_a, features_b) -> float:
-    """The Frechet distance between Gaussians fitted to two (N, D) feature sets (unbiased covariance).
-    With the centred features A (n1, D), B (n2, D): S1 S2 = A^T (A B^T B) / c, c = (n1 - 1)(n2 - 1), has
-    the nonzero eigenvalues of (A B^T)(A B^T)^T / c, so Tr((S1 S2)^(1/2)) = (sum of the singular values
-    of A B^T) / sqrt(c): one (n1, n2) SVD, cheaper than two (D, D) eigendecompositions for small sets."""
+    """The Frechet distance between Gaussians fitted to two (N, D) feature sets (unbiased
+    covariance). With the centred features A (n1, D), B (n2, D): S1 S2 = A^T (A B^T B) / c,
+    c = (n1 - 1)(n2 - 1), has the nonzero eigenvalues of (A B^T)(A B^T)^T / c, so
+    Tr((S1 S2)^(1/2)) = (sum of the singular values of A B^T) / sqrt(c): one (n1, n2) SVD, cheaper
+    than two (D, D) eigendecompositions for small sets."""
     a, b = (torch.as_tensor(f, dtype=torch.float64) for f in (features_a, features_b))
     (n1, n2), mu1, mu2 = (len(a), len(b)), a.mean(0), b.mean(0)
     a, b = a - mu1, b - mu2
     tr_covmean = torch.linalg.svdvals(a @ b.T).sum() / ((n1 - 1) * (n2 - 1)) ** 0.5
-    return float((mu1 - mu2).square().sum() + a.square().sum() / (n1 - 1) + b.square().sum() / (n2 - 1) - 2 * tr_covmean)
+    return float((mu1 - mu2).square().sum() + a.square().sum() / (n1 - 1)
+                 + b.square().sum() / (n2 - 1) - 2 * tr_covmean)
 
 
 # ----------------------------------------------------------------------------- MS-SSIM
@@ -48,19 +52,23 @@ def num_scales(side: int) -> int:
     4 at 128 px, 3 at 64 px. (5 scales of 11-px windows need > 160 px.)"""
     scales = next((s for s in range(5, 0, -1) if side // 2 ** (s - 1) >= WINDOW), 0)
     if not scales:
-        raise ValueError(f"MS-SSIM needs images of at least {WINDOW}x{WINDOW} pixels, got side {side}")
+        raise ValueError(f"MS-SSIM needs images of at least {WINDOW}x{WINDOW} pixels, "
+                         f"got side {side}")
     return scales
 
 
 def _ssim_maps(x, y, data_range: float):
-    """SSIM and its contrast-structure term cs per window (Wang et al. 2004, eqs. 6-13) with an 11x11
-    Gaussian window (sigma 1.5). As torchmetrics (which RoentGen's evaluation used): the image is
-    reflect-padded, SSIM is averaged over every pixel, cs over the windows that lie inside the image."""
+    """SSIM and its contrast-structure term cs per window (Wang et al. 2004, eqs. 6-13) with an
+    11x11 Gaussian window (sigma 1.5). As torchmetrics (which RoentGen's evaluation used): the image
+    is reflect-padded, SSIM is averaged over every pixel, cs over the windows that lie inside the
+    image."""
     pad = WINDOW // 2
     g = torch.exp(-((torch.arange(WINDOW, dtype=x.dtype, device=x.device) - pad) / SIGMA) ** 2 / 2)
     g = g / g.sum()
-    stack = F.pad(torch.cat([x, y, x * x, y * y, x * y]), (pad,) * 4, mode="reflect")  # (5B, 1, H+10, W+10)
-    stack = F.conv2d(F.conv2d(stack, g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))  # the 2-D Gaussian is separable
+    stack = F.pad(torch.cat([x, y, x * x, y * y, x * y]), (pad,) * 4,
+                  mode="reflect")  # (5B, 1, H+10, W+10)
+    # the 2-D Gaussian is separable
+    stack = F.conv2d(F.conv2d(stack, g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
     mx, my, mxx, myy, mxy = stack.chunk(5)  # local means, each (B, 1, H, W)
     vx, vy, cxy = (mxx - mx * mx).clamp(min=0), (myy - my * my).clamp(min=0), mxy - mx * my
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
@@ -71,9 +79,10 @@ def _ssim_maps(x, y, data_range: float):
 
 def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Multi-scale SSIM (Wang et al. 2003) of grayscale pairs (B, 1, H, W) -> (B,):
-    prod_j cs_j^w_j over the finer scales times SSIM_M^w_M at the coarsest, 2x2 average pooling between
-    scales. Scales: `num_scales(min(H, W))`, Wang's weights for those scales renormalised to sum 1
-    (so identical images still give 1). Negative terms are clamped to 0 (torchmetrics' "relu")."""
+    prod_j cs_j^w_j over the finer scales times SSIM_M^w_M at the coarsest, 2x2 average pooling
+    between scales. Scales: `num_scales(min(H, W))`, Wang's weights for those scales renormalised to
+    sum 1 (so identical images still give 1). Negative terms are clamped to 0
+    (torchmetrics' "relu")."""
     scales = num_scales(min(x.shape[-2:]))
     weights = torch.tensor(WANG_WEIGHTS[:scales], dtype=x.dtype, device=x.device)
     terms = []

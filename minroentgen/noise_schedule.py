@@ -3,7 +3,7 @@
 DDPM (Ho et al. 2020) fixes variances beta_1..beta_T (T = 1000) and noises a clean sample x0 in one
 jump (eq. 4):
 
-    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,    abar_t = prod_{s<=t} (1 - beta_s),  eps ~ N(0, I)
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,  abar_t = prod_{s<=t} (1 - beta_s),  eps ~ N(0, I)
 
 The network learns eps (DDPM eq. 14) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho
 2022, Sec. 4). SD's schedule ends at abar_T = 0.0047, not 0: `zero_terminal_snr` (Lin et al. 2024)
@@ -15,10 +15,11 @@ from .configs import SchedulerConfig
 
 
 def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Betas whose last step leaves no signal (Lin et al. 2024, "Common Diffusion Noise Schedules and
-    Sample Steps are Flawed", Alg. 1). On SD's schedule training never shows the network pure noise, and
-    samples started from it come out washed out. sqrt(abar_t) is shifted so that it ends at 0, then
-    scaled so that it starts where it did. Then eps cannot be predicted at t = T: use v-prediction."""
+    """Betas whose last step leaves no signal (Lin et al. 2024, "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed", Alg. 1). On SD's schedule training never shows the network pure
+    noise, and samples started from it come out washed out. sqrt(abar_t) is shifted so that it ends
+    at 0, then scaled so that it starts where it did. Then eps cannot be predicted at t = T: use
+    v-prediction."""
     root = torch.cumprod(1 - betas, dim=0).sqrt()  # sqrt(abar_t), (T,)
     first, last = root[0].clone(), root[-1].clone()
     abar = ((root - last) * (first / (first - last))) ** 2
@@ -48,7 +49,8 @@ class NoiseSchedule:
         return self._table.to(x.dtype)[t.to(x.device)].view(-1, *[1] * (x.ndim - 1))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """A sample of q(x_t | x0) (DDPM eq. 4): sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; t (B,) long."""
+        """A sample of q(x_t | x0) (DDPM eq. 4): sqrt(abar_t) x0 + sqrt(1 - abar_t) eps;
+        t (B,) long."""
         abar = self.abar(t, x0)
         return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
 
@@ -59,7 +61,8 @@ class NoiseSchedule:
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network learns to output: eps (DDPM eq. 14) or v, per `prediction_type`."""
-        return noise if self.config.prediction_type == "epsilon" else self.get_velocity(x0, noise, t)
+        return (noise if self.config.prediction_type == "epsilon"
+                else self.get_velocity(x0, noise, t))
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio of x_t, abar_t / (1 - abar_t) (Kingma et al. 2021, VDM), (B,)."""
@@ -68,8 +71,10 @@ class NoiseSchedule:
 
     def x0_and_eps(self, pred: torch.Tensor, x_t: torch.Tensor, abar_t: torch.Tensor):
         """The network's x0 and eps estimates, eq. 4 solved for the unknown: from eps,
-        x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); from v, x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v
-        and eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t. abar_t is a 0-dim tensor (one timestep)."""
+        x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); from v,
+        x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v and eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t.
+        abar_t is a 0-dim tensor (one timestep)."""
         if self.config.prediction_type == "epsilon":
             return (x_t - (1 - abar_t) ** 0.5 * pred) / abar_t**0.5, pred
-        return abar_t**0.5 * x_t - (1 - abar_t) ** 0.5 * pred, abar_t**0.5 * pred + (1 - abar_t) ** 0.5 * x_t
+        return (abar_t**0.5 * x_t - (1 - abar_t) ** 0.5 * pred,
+                abar_t**0.5 * pred + (1 - abar_t) ** 0.5 * x_t)

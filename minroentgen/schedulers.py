@@ -4,7 +4,8 @@ Each holds the noise schedule (noise_schedule.py: abar_t, the forward process) a
 x_prev over a few of the 1000 training timesteps, given the network's prediction (eps or v):
 
     DDPM  (Ho et al. 2020, eqs. 6-7): the Gaussian posterior q(x_prev | x_t, x0), mean plus noise.
-    DDIM  (Song et al. 2021, eq. 12): the same marginals without (eta=0) or with (eta>0) fresh noise.
+    DDIM  (Song et al. 2021, eq. 12): the same marginals without (eta=0) or with (eta>0) fresh
+          noise.
     PNDM  (Liu et al. 2022): a linear multistep method (PLMS) over DDIM-like "transfer" steps.
 
 Every sampler follows diffusers' `DDPMScheduler` / `DDIMScheduler` / `PNDMScheduler` exactly
@@ -24,7 +25,8 @@ class Sampler:
         self.config = c = config.for_sampler(type(self).__name__)  # to_dict names this sampler
         self.schedule = NoiseSchedule(c)
         self.alphas_cumprod = self.schedule.alphas_cumprod  # abar_t, (T,)
-        self.final_alpha_cumprod = torch.tensor(1.0) if c.set_alpha_to_one else self.alphas_cumprod[0]
+        self.final_alpha_cumprod = (torch.tensor(1.0) if c.set_alpha_to_one
+                                    else self.alphas_cumprod[0])
         self.num_inference_steps = None
         self.timesteps = torch.arange(c.num_train_timesteps - 1, -1, -1)  # all, until set_timesteps
 
@@ -40,15 +42,18 @@ class Sampler:
         else:  # "linspace": evenly from T-1 down to 0
             timesteps = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
         if timesteps[0] >= T:
-            raise ValueError(f"{n} steps with the scheduler's steps_offset={self.config.steps_offset} give timestep "
-                             f"{timesteps[0]}, past the last training timestep {T - 1}; use fewer steps")
+            raise ValueError(f"{n} steps with the scheduler's "
+                             f"steps_offset={self.config.steps_offset} give timestep "
+                             f"{timesteps[0]}, past the last training timestep {T - 1}; "
+                             "use fewer steps")
         self.num_inference_steps = n
         self.timesteps = torch.from_numpy(timesteps.copy())
 
     def _stride(self) -> int:
         """DDIM and PNDM step from t to t - T // n (whatever the spacing, as diffusers does)."""
         if self.num_inference_steps is None:
-            raise ValueError(f"call {type(self).__name__}.set_timesteps(num_inference_steps) before step()")
+            raise ValueError(f"call {type(self).__name__}.set_timesteps(num_inference_steps) "
+                             "before step()")
         return self.config.num_train_timesteps // self.num_inference_steps
 
     def _abar_at(self, t: int) -> torch.Tensor:
@@ -56,7 +61,8 @@ class Sampler:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
     def _predict_x0_eps(self, model_output, sample, abar_t):
-        """x0 and eps from the prediction (NoiseSchedule.x0_and_eps); `clip_sample` clamps x0 only."""
+        """x0 and eps from the prediction (NoiseSchedule.x0_and_eps); `clip_sample` clamps x0
+        only."""
         x0, eps = self.schedule.x0_and_eps(model_output, sample, abar_t)
         return (x0.clamp(-1, 1) if self.config.clip_sample else x0), eps
 
@@ -76,8 +82,8 @@ class DDPMScheduler(Sampler):
         self.final_alpha_cumprod = torch.tensor(1.0)  # DDPM always ends on x0 itself (abar = 1)
 
     def step(self, model_output, timestep, sample, generator=None) -> torch.Tensor:
-        """x_prev = mu~(x_t, x0) + sigma_t z, with eq. 7's mean and variance for the stride t -> prev;
-        noise is drawn (with `generator`) whenever t > 0."""
+        """x_prev = mu~(x_t, x0) + sigma_t z, with eq. 7's mean and variance for the stride
+        t -> prev; noise is drawn (with `generator`) whenever t > 0."""
         t = int(timestep)
         ts = self.timesteps.tolist()
         i = ts.index(t)
@@ -90,7 +96,8 @@ class DDPMScheduler(Sampler):
         xt_coeff = alpha_t**0.5 * (1 - abar_prev) / (1 - abar_t)
         prev_sample = x0_coeff * x0 + xt_coeff * sample  # mu~ (eq. 7)
         if t > 0:
-            variance = torch.clamp((1 - abar_prev) / (1 - abar_t) * beta_t, min=1e-20)  # beta~ (eq. 7)
+            variance = torch.clamp((1 - abar_prev) / (1 - abar_t) * beta_t,
+                                   min=1e-20)  # beta~ (eq. 7)
             prev_sample = prev_sample + variance**0.5 * _randn_like(model_output, generator)
         return prev_sample
 
@@ -98,7 +105,8 @@ class DDPMScheduler(Sampler):
 class DDIMScheduler(Sampler):
     """Denoising diffusion implicit models (Song et al. 2021, eq. 12)."""
 
-    def step(self, model_output, timestep, sample, eta: float = 0.0, generator=None) -> torch.Tensor:
+    def step(self, model_output, timestep, sample, eta: float = 0.0,
+             generator=None) -> torch.Tensor:
         """x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z, with
         sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) (eq. 16)."""
         t = int(timestep)
@@ -114,39 +122,42 @@ class DDIMScheduler(Sampler):
 
 
 class PNDMScheduler(Sampler):
-    """Pseudo linear multistep (PLMS) sampling (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion
-    Models on Manifolds"), as in SD's code (`skip_prk_steps`: no Runge-Kutta warm-up).
+    """Pseudo linear multistep (PLMS) sampling (Liu et al. 2022, "Pseudo Numerical Methods for
+    Diffusion Models on Manifolds"), as in SD's code (`skip_prk_steps`: no Runge-Kutta warm-up).
 
     Each step is the paper's "transfer" phi(x_t, e, t, prev) (eq. 9), a DDIM step, fed with an
-    Adams-Bashforth combination e of the last (up to four) predictions (eq. 12). The first step has no
-    history, so it is taken twice (a trapezoid/Heun step), which is why `timesteps` repeats its second
-    entry (t_0, t_1, t_1, t_2, ...):
+    Adams-Bashforth combination e of the last (up to four) predictions (eq. 12). The first step has
+    no history, so it is taken twice (a trapezoid/Heun step), which is why `timesteps` repeats its
+    second entry (t_0, t_1, t_1, t_2, ...):
 
         call 1 (t_0):  e_0 = net(x_{t_0});  x' = phi(x_{t_0}, e_0, t_0, t_1)        (a guess)
         call 2 (t_1):  e' = net(x');        x_{t_1} = phi(x_{t_0}, (e_0 + e')/2, t_0, t_1)
         call k (t_k):  e_k = net(x_{t_k});  e = AB(e_k, e_{k-1}, ...), order min(k, 4)
                        x_{t_{k+1}} = phi(x_{t_k}, e, t_k, t_{k+1})
 
-    State, reset by `set_timesteps`: `history` (the last predictions, newest last), `x_first` (x_{t_0},
-    kept from call 1 for the redo in call 2), `calls` (how many steps were taken).
+    State, reset by `set_timesteps`: `history` (the last predictions, newest last), `x_first`
+    (x_{t_0}, kept from call 1 for the redo in call 2), `calls` (how many steps were taken).
     """
 
     def __init__(self, config: SchedulerConfig):
-        if config.rescale_betas_zero_snr:  # diffusers' PNDMScheduler has no such option (it would ignore it)
+        # diffusers' PNDMScheduler has no such option (it would ignore it)
+        if config.rescale_betas_zero_snr:
             raise ValueError("the PNDM sampler does not support a zero-terminal-SNR schedule "
                              "(rescale_betas_zero_snr); sample with ddim or ddpm")
         super().__init__(config)
         self.calls, self.history, self.x_first = 0, [], None
 
     def set_timesteps(self, num_inference_steps: int):
-        """t_0, t_1, t_1, t_2, ..., t_{n-1}; also starts a fresh sampling loop (clears the history)."""
+        """t_0, t_1, t_1, t_2, ..., t_{n-1}; also starts a fresh sampling loop (clears the
+        history)."""
         super().set_timesteps(num_inference_steps)
         ts = self.timesteps
         self.timesteps = torch.cat([ts[:1], ts[1:2], ts[1:]])
         self.calls, self.history, self.x_first = 0, [], None
 
     def step(self, model_output, timestep, sample, generator=None) -> torch.Tensor:
-        """One PLMS step on the model outputs (eps or v); `generator` is unused (PNDM is deterministic)."""
+        """One PLMS step on the model outputs (eps or v); `generator` is unused (PNDM is
+        deterministic)."""
         t = int(timestep)
         stride = self._stride()
         prev = t - stride
@@ -165,13 +176,15 @@ class PNDMScheduler(Sampler):
             elif len(h) == 3:
                 e = (23 * h[0] - 16 * h[1] + 5 * h[2]) / 12
             else:
-                e = 1 / 24 * (55 * h[0] - 59 * h[1] + 37 * h[2] - 9 * h[3])  # (parity: diffusers' rounding)
+                # (parity: diffusers' rounding)
+                e = 1 / 24 * (55 * h[0] - 59 * h[1] + 37 * h[2] - 9 * h[3])
         self.calls += 1
         return self._transfer(sample, t, prev, e)
 
     def _transfer(self, sample, t, prev, model_output):
         """phi (eq. 9): x_prev = sqrt(abar_prev / abar_t) x_t
-        - (abar_prev - abar_t) eps / (abar_t sqrt(1 - abar_prev) + sqrt(abar_t (1 - abar_t) abar_prev))."""
+        - (abar_prev - abar_t) eps / (abar_t sqrt(1 - abar_prev)
+                                      + sqrt(abar_t (1 - abar_t) abar_prev))."""
         abar_t, abar_prev = self.alphas_cumprod[t], self._abar_at(prev)
         _, eps = self._predict_x0_eps(model_output, sample, abar_t)
         denom = abar_t * (1 - abar_prev) ** 0.5 + (abar_t * (1 - abar_t) * abar_prev) ** 0.5

@@ -2,10 +2,10 @@
 
 CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
 Supervision", Sec. 2.4) reads text as a lower-cased byte-pair encoding (Sennrich et al. 2016)
-with a 49,152-token vocabulary (49,408 in vocab.json: each of the 256 byte symbols also appears with `</w>`),
-bracketed by `<|startoftext|>` and `<|endoftext|>` and cut to 77 tokens. Stable Diffusion
-keeps that tokenizer and pads every prompt to the full 77 tokens, so the text encoder always
-sees a (B, 77) batch. RoentGen feeds it the impression section of a radiology report, and a
+with a 49,152-token vocabulary (49,408 in vocab.json: each of the 256 byte symbols also appears
+with `</w>`), bracketed by `<|startoftext|>` and `<|endoftext|>` and cut to 77 tokens. Stable
+Diffusion keeps that tokenizer and pads every prompt to the full 77 tokens, so the text encoder
+always sees a (B, 77) batch. RoentGen feeds it the impression section of a radiology report, and a
 long report loses everything past the 75th token: `num_tokens` lets a data loader count how
 often that happens.
 
@@ -50,7 +50,8 @@ BPE_FOLDER = Path(__file__).parent / "clip_bpe"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 NO_LIMIT = int(1e30)  # transformers' model_max_length for a tokenizer saved without one
 # CLIP's pre-tokenization regex (special tokens, contractions, letters, one digit, symbols).
-CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+              r"""[^\s\p{L}\p{N}]+""")
 
 
 class CLIPTokenizer:
@@ -59,17 +60,21 @@ class CLIPTokenizer:
     def __init__(self, vocab_path, merges_path, pad_token=EOS, max_length=77):
         for file in (vocab_path, merges_path):
             if not Path(file).is_file():
-                raise FileNotFoundError(f"{file} not found: a CLIP tokenizer needs vocab.json and merges.txt "
-                                        "(CLIPTokenizer.default() uses the copies shipped with minroentgen)")
+                raise FileNotFoundError(
+                    f"{file} not found: a CLIP tokenizer needs vocab.json and merges.txt "
+                    "(CLIPTokenizer.default() uses the copies shipped with minroentgen)")
         if max_length < 2:
-            raise ValueError(f"max_length={max_length} leaves no room for the start and end tokens: use 77")
+            raise ValueError(f"max_length={max_length} leaves no room for the start and end "
+                             "tokens: use 77")
         self.pad_token, self.max_length = pad_token, max_length
-        bpe = BPE.from_file(str(vocab_path), str(merges_path), end_of_word_suffix="</w>", unk_token=EOS)
+        bpe = BPE.from_file(str(vocab_path), str(merges_path), end_of_word_suffix="</w>",
+                            unk_token=EOS)
         self._tokenizer = Tokenizer(bpe)
         self._tokenizer.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
         self._tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),  # keep matches, drop the rest
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed",
+                                 invert=True),  # keep matches, drop the rest
             # bytes -> printable symbols; its GPT-2 split changes only an upper-case "<|ENDOFTEXT|>"
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ])
@@ -82,19 +87,22 @@ class CLIPTokenizer:
                                             for t in (BOS, EOS, pad_token)])
 
     def vocabulary(self) -> list:
-        """Every token of the vocabulary (word-final ones end in "</w>"), special tokens included."""
+        """Every token of the vocabulary (word-final ones end in "</w>"), special tokens
+        included."""
         return list(self._tokenizer.get_vocab())
 
     @classmethod
     def default(cls):
-        """CLIP's vocabulary as shipped with the package, padded like SD v1 (<|endoftext|>, 77 tokens)."""
+        """CLIP's vocabulary as shipped with the package, padded like SD v1 (<|endoftext|>, 77
+        tokens)."""
         return cls(BPE_FOLDER / "vocab.json", BPE_FOLDER / "merges.txt")
 
     @classmethod
     def from_folder(cls, path):
         """A diffusers `tokenizer/` folder: vocab.json and merges.txt (or the tokenizer.json that
         transformers >= 5 writes instead), and, when present, tokenizer_config.json and
-        special_tokens_map.json for the pad token and model_max_length (the map wins, as in transformers)."""
+        special_tokens_map.json for the pad token and model_max_length (the map wins, as in
+        transformers)."""
         path = Path(path)
         settings = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
@@ -106,18 +114,22 @@ class CLIPTokenizer:
         max_length = 77 if max_length >= NO_LIMIT else max_length  # CLIP's context length
         if (path / "vocab.json").exists() or not (path / "tokenizer.json").exists():
             return cls(path / "vocab.json", path / "merges.txt", pad, max_length)
-        with tempfile.TemporaryDirectory() as tmp:  # take the BPE vocabulary and merges out of tokenizer.json
+        # take the BPE vocabulary and merges out of tokenizer.json
+        with tempfile.TemporaryDirectory() as tmp:
             Tokenizer.from_file(str(path / "tokenizer.json")).model.save(tmp)
             return cls(Path(tmp) / "vocab.json", Path(tmp) / "merges.txt", pad, max_length)
 
     def save(self, folder):
-        """Write a folder that both `from_folder` and transformers' `CLIPTokenizer.from_pretrained` read."""
+        """Write a folder that both `from_folder` and transformers'
+        `CLIPTokenizer.from_pretrained` read."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self._tokenizer.model.save(str(folder))  # vocab.json, merges.txt
-        special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": self.pad_token}
+        special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS,
+                   "pad_token": self.pad_token}
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, **special}
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length,
+                  **special}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
     def num_tokens(self, text: str) -> int:
@@ -134,8 +146,9 @@ class CLIPTokenizer:
         for i, (prompt, enc) in enumerate(zip(prompts, encodings)):
             kept = enc.ids[:room]
             if len(enc.ids) > room:
-                tail = " ".join(prompt[: enc.offsets[room - 1][1]].split()[-6:])  # the kept text's last words
-                warnings.warn(f"prompt truncated to {self.max_length} tokens: dropped {len(enc.ids) - room} "
-                              f"tokens after '... {tail}'", stacklevel=2)
+                # the kept text's last words
+                tail = " ".join(prompt[: enc.offsets[room - 1][1]].split()[-6:])
+                warnings.warn(f"prompt truncated to {self.max_length} tokens: dropped "
+                              f"{len(enc.ids) - room} tokens after '... {tail}'", stacklevel=2)
             ids[i, : len(kept) + 2] = torch.tensor([self.bos_id, *kept, self.eos_id])
         return ids

@@ -1,11 +1,12 @@
-"""The denoising UNet of Stable Diffusion (LDM paper: Rombach et al. 2022, Sec. 3.3, Fig. 3, App. E.2).
+"""The denoising UNet of Stable Diffusion (LDM paper: Rombach et al. 2022, Sec. 3.3, Fig. 3,
+App. E.2).
 
-eps_theta(z_t, t, c) predicts the noise in a latent z_t (B, 4, h, w) at timestep t, conditioned on the
-text context c (B, 77, 768) from CLIP. It is the DDPM UNet (Ho et al. 2020, App. B): ResBlocks that
-see a timestep embedding, a down path that halves the resolution per level, a middle, and an up path
-that doubles it again, taking in the down path's activations through concatenated skip connections.
-LDM adds a spatial transformer after the ResBlocks of most levels; its cross-attention reads c
-(LDM Sec. 3.3), which is how the prompt steers the image.
+eps_theta(z_t, t, c) predicts the noise in a latent z_t (B, 4, h, w) at timestep t, conditioned on
+the text context c (B, 77, 768) from CLIP. It is the DDPM UNet (Ho et al. 2020, App. B): ResBlocks
+that see a timestep embedding, a down path that halves the resolution per level, a middle, and an up
+path that doubles it again, taking in the down path's activations through concatenated skip
+connections. LDM adds a spatial transformer after the ResBlocks of most levels; its cross-attention
+reads c (LDM Sec. 3.3), which is how the prompt steers the image.
 
 Module names equal the keys of a diffusers `unet/diffusion_pytorch_model.safetensors`, so such a
 file loads with `load_state_dict(strict=True)`:
@@ -28,15 +29,19 @@ from .configs import UNetConfig
 
 # ----------------------------------------------------------------------------- building blocks
 
-def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
-    """Sinusoidal features of the timestep, as the Transformer's positional encoding ("Attention is all
-    you need", Vaswani et al. 2017, Sec. 3.5) and DDPM (Ho et al. 2020, App. B): angles t * f_i with
-    frequencies f_i = 10000^(-i / (dim/2 - freq_shift)), i < dim/2, then [sin, cos] (or [cos, sin]).
-    t (B,) -> (B, dim), in fp32 whatever the model's dtype (fp16 would round large t * f_i badly)."""
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool,
+                       freq_shift: float) -> torch.Tensor:
+    """Sinusoidal features of the timestep, as the Transformer's positional encoding ("Attention is
+    all you need", Vaswani et al. 2017, Sec. 3.5) and DDPM (Ho et al. 2020, App. B): angles t * f_i
+    with frequencies f_i = 10000^(-i / (dim/2 - freq_shift)), i < dim/2, then [sin, cos] (or
+    [cos, sin]). t (B,) -> (B, dim), in fp32 whatever the model's dtype (fp16 would round large
+    t * f_i badly)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - freq_shift))
     angles = t.float()[:, None] * freqs  # (B, dim/2)
-    return torch.cat([angles.cos(), angles.sin()] if flip_sin_to_cos else [angles.sin(), angles.cos()], dim=-1)
+    return torch.cat([angles.cos(), angles.sin()] if flip_sin_to_cos
+                     else [angles.sin(), angles.cos()], dim=-1)
 
 
 class TimestepEmbedding(nn.Module):
@@ -52,9 +57,9 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """The DDPM/LDM residual block (diffusers' ResnetBlock2D): GroupNorm-SiLU-conv, plus a per-channel
-    projection of the timestep embedding, GroupNorm-SiLU-conv, and the input added back (through a
-    1x1 conv when the channel count changes). SD sets dropout to 0, so it has none."""
+    """The DDPM/LDM residual block (diffusers' ResnetBlock2D): GroupNorm-SiLU-conv, plus a
+    per-channel projection of the timestep embedding, GroupNorm-SiLU-conv, and the input added back
+    (through a 1x1 conv when the channel count changes). SD sets dropout to 0, so it has none."""
 
     def __init__(self, cin: int, cout: int, temb: int, groups: int, eps: float):
         super().__init__()
@@ -76,7 +81,8 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head scaled dot-product attention ("Attention is all you need", Eq. 1, Sec. 3.2.2):
     self-attention when `context` is None, else cross-attention with keys and values from the text
-    (LDM Sec. 3.3). No biases on q, k, v; `to_out` is a list because diffusers keeps a dropout at index 1."""
+    (LDM Sec. 3.3). No biases on q, k, v; `to_out` is a list because diffusers keeps a dropout at
+    index 1."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool):
         super().__init__()
@@ -89,7 +95,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, dim), context (B, L, context_dim) -> (B, N, dim)."""
         context = x if context is None else context
-        q, k, v = (p.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N or L, dim/heads)
+        # (B, heads, N or L, dim/heads)
+        q, k, v = (p.unflatten(-1, (self.heads, -1)).transpose(1, 2)
                    for p in (self.to_q(x), self.to_k(context), self.to_v(context)))
         if self.upcast:  # in fp32 even under autocast, then back to the working dtype
             with torch.autocast(q.device.type, enabled=False):
@@ -144,15 +151,18 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """LDM's spatial transformer (diffusers' Transformer2DModel): GroupNorm, proj_in, one transformer
-    block over the h*w pixels as tokens, proj_out, plus the input."""
+    """LDM's spatial transformer (diffusers' Transformer2DModel): GroupNorm, proj_in, one
+    transformer block over the h*w pixels as tokens, proj_out, plus the input."""
 
-    def __init__(self, channels: int, context_dim: int, heads: int, groups: int, linear: bool, upcast: bool):
+    def __init__(self, channels: int, context_dim: int, heads: int, groups: int, linear: bool,
+                 upcast: bool):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, context_dim, heads, upcast)])
-        self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(channels, context_dim, heads, upcast)])
+        self.proj_out = (nn.Linear(channels, channels) if linear
+                         else nn.Conv2d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x (B, C, h, w), context (B, L, context_dim) -> (B, C, h, w)."""
@@ -176,7 +186,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour resize to `size` (2x, or the odd size of the skip it meets), then a 3x3 conv."""
+    """Nearest-neighbour resize to `size` (2x, or the odd size of the skip it meets), then a 3x3
+    conv."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -199,11 +210,12 @@ def _level(**children: list[nn.Module]) -> nn.Module:
 
 class UNet2DConditionModel(nn.Module):
     """eps_theta(z_t, t, c) of LDM Eq. 3 (noise, or v for a v-prediction model). Set
-    `gradient_checkpointing = True` to recompute every ResBlock and spatial transformer in the backward
-    pass while training (less memory, more time).
+    `gradient_checkpointing = True` to recompute every ResBlock and spatial transformer in the
+    backward pass while training (less memory, more time).
 
-    The skip connections in SD v1.5 (64x64 latents, channels 320/640/1280/1280, 2 ResBlocks a level).
-    The down path pushes 12 activations; each up-path ResBlock pops the latest and concatenates it:
+    The skip connections in SD v1.5 (64x64 latents, channels 320/640/1280/1280, 2 ResBlocks a
+    level). The down path pushes 12 activations; each up-path ResBlock pops the latest and
+    concatenates it:
 
         pushed by              channels @ side        up level  ResBlock inputs (h + popped skip)
         conv_in                320 @ 64               0 (@8)    1280+1280, 1280+1280, 1280+1280
@@ -239,7 +251,8 @@ class UNet2DConditionModel(nn.Module):
             cins = [skips[-1]] + [cout] * (c.layers_per_block - 1)
             self.down_blocks.append(_level(
                 resnets=[resnet(cin, cout) for cin in cins],
-                attentions=[transformer(cout, heads[i]) for _ in cins] if kind.startswith("CrossAttn") else [],
+                attentions=([transformer(cout, heads[i]) for _ in cins]
+                            if kind.startswith("CrossAttn") else []),
                 downsamplers=[Downsample(cout)] if i < n - 1 else []))
             skips += [cout] * (c.layers_per_block + (i < n - 1))
 
@@ -255,7 +268,8 @@ class UNet2DConditionModel(nn.Module):
                 cin = cout
             self.up_blocks.append(_level(
                 resnets=resnets,
-                attentions=[transformer(cout, heads[-1 - i]) for _ in resnets] if kind.startswith("CrossAttn") else [],
+                attentions=([transformer(cout, heads[-1 - i]) for _ in resnets]
+                            if kind.startswith("CrossAttn") else []),
                 upsamplers=[Upsample(cout)] if i < n - 1 else []))
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
@@ -269,15 +283,16 @@ class UNet2DConditionModel(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float,
                 encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """sample z_t (B, in_channels, h, w); timestep: a number, a 0-d or a (B,) tensor;
-        encoder_hidden_states c (B, L, cross_attention_dim) -> predicted noise, or v (B, out_channels, h, w)."""
+        encoder_hidden_states c (B, L, cross_attention_dim) -> predicted noise, or v
+        (B, out_channels, h, w)."""
         c, context = self.config, encoder_hidden_states
         t = torch.as_tensor(timestep, device=sample.device).expand(sample.shape[0])  # (B,)
         t_emb = timestep_embedding(t, self.conv_in.out_channels, c.flip_sin_to_cos, c.freq_shift)
         # (B, 4 C0); the SiLU that starts every ResBlock's time projection is applied here, once
         emb = F.silu(self.time_embedding(t_emb.to(self.conv_in.weight.dtype)))
 
-        # The VAE's latents are a channels-last view (see vae.py); left so, every layer here would run
-        # channels-last, and a CPU training step is about 20% slower (benchmarks/RESULTS.md).
+        # The VAE's latents are a channels-last view (see vae.py); left so, every layer here would
+        # run channels-last, and a CPU training step is about 20% slower (benchmarks/RESULTS.md).
         h = self.conv_in(sample.contiguous())  # (B, C0, h, w)
         skips = [h]
         for level in self.down_blocks:
@@ -297,7 +312,8 @@ class UNet2DConditionModel(nn.Module):
 
         for level in self.up_blocks:
             for j, resnet in enumerate(level.resnets):
-                h = self._run(resnet, torch.cat([h, skips.pop()], dim=1), emb)  # (B, C + C_skip, h, w) -> (B, C', h, w)
+                # (B, C + C_skip, h, w) -> (B, C', h, w)
+                h = self._run(resnet, torch.cat([h, skips.pop()], dim=1), emb)
                 if level.attentions:
                     h = self._run(level.attentions[j], h, context)
             for up in level.upsamplers:
