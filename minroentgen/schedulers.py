@@ -175,8 +175,7 @@ class PNDMScheduler(Sampler):
                 e = (3 * h[0] - h[1]) / 2
             elif len(h) == 3:
                 e = (23 * h[0] - 16 * h[1] + 5 * h[2]) / 12
-            else:
-                # (parity: diffusers' rounding)
+            else:  # (parity) 1/24 * (...), not (...) / 24: diffusers' rounding
                 e = 1 / 24 * (55 * h[0] - 59 * h[1] + 37 * h[2] - 9 * h[3])
         self.calls += 1
         return self._transfer(sample, t, prev, e)

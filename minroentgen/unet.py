@@ -291,8 +291,8 @@ class UNet2DConditionModel(nn.Module):
         # (B, 4 C0); the SiLU that starts every ResBlock's time projection is applied here, once
         emb = F.silu(self.time_embedding(t_emb.to(self.conv_in.weight.dtype)))
 
-        # The VAE's latents are a channels-last view (see vae.py); left so, every layer here would
-        # run channels-last, and a CPU training step is about 20% slower (benchmarks/RESULTS.md).
+        # (speed) .contiguous(): the VAE's latents are a channels-last view; left so, every layer
+        # here would run channels-last, ~20% slower on a CPU (benchmarks/RESULTS.md)
         h = self.conv_in(sample.contiguous())  # (B, C0, h, w)
         skips = [h]
         for level in self.down_blocks:

@@ -94,8 +94,7 @@ class Attention(nn.Module):
         q, k, v = (proj(h)[:, None] for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, h*w, C)
         h = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, h*w, C), softmax(q k^T / sqrt(C)) v
         h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)  # a channels-last view, no copy
-        # h first: the sum keeps h's layout, as in diffusers, so later kernels round alike
-        return h + x
+        return h + x  # (parity) h first: the sum keeps h's layout, so later kernels round alike
 
 
 class Downsample(nn.Module):
