@@ -6,6 +6,7 @@ import csv
 import gzip
 import json
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -85,6 +86,46 @@ MIMIC_LONG = """                                 FINAL REPORT
  frank edema.  4. Stable moderate cardiomegaly.  No pneumothorax.
 """
 
+# Written only under COMPARISON, no paragraph break in it: the official fallback's last step.
+MIMIC_COMPARISON_ONLY = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PORTABLE AP)
+ 
+ INDICATION:  ___ year old woman with new right IJ line.
+ 
+ COMPARISON:  Chest radiograph ___ at 05:12.  Right internal jugular line
+ ends in the low superior vena cava.  No pneumothorax.
+"""
+
+# Ends in an empty IMPRESSION heading: it is dropped, and the last paragraph is taken before it.
+MIMIC_EMPTY_IMPRESSION_AT_END = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PORTABLE AP)
+ 
+ INDICATION:  ___ year old man intubated for airway protection.
+ 
+ COMPARISON:  ___
+ 
+ Endotracheal tube ends 5 cm above the carina.  Nasogastric tube ends in the
+ stomach.  Lungs are clear.
+ 
+ IMPRESSION: 
+ 
+"""
+
+
+def test_impression_rules_of_the_official_parser():
+    # impression > findings > last paragraph > comparison; empty impression/findings dropped first
+    assert extract_impression(MIMIC_COMPARISON_ONLY) == (
+        "Chest radiograph ___ at 05:12. Right internal jugular line ends in the low superior vena cava. "
+        "No pneumothorax.")
+    assert extract_impression(MIMIC_EMPTY_IMPRESSION_AT_END) == (
+        "Endotracheal tube ends 5 cm above the carina. Nasogastric tube ends in the stomach. Lungs are clear.")
+    empty_findings = MIMIC_COMPARISON_ONLY + " \n FINDINGS: \n \n"
+    assert extract_impression(empty_findings) == extract_impression(MIMIC_COMPARISON_ONLY)
+    for heading in ("COMPARISION", "REFERENCE EXAM"):  # typo and synonym of the dataset's parser
+        assert extract_impression(f"FINAL REPORT\n {heading}:  Prior of ___.\n") == "Prior of ___."
+    # a last paragraph beats the comparison (MIMIC_NO_SECTION's COMPARISON is "___")
+    assert extract_impression(MIMIC_NO_SECTION).startswith("Single portable view")
+
 
 def test_impression_rules():
     assert extract_impression(MIMIC_FULL) == "No acute cardiopulmonary process."
@@ -137,26 +178,58 @@ def save_gray(path, size=(20, 16), value=128):
     Image.fromarray(np.full(size[::-1], value, dtype=np.uint8)).save(path)
 
 
-@pytest.fixture(params=["", ".gz"], ids=["csv", "csv.gz"])
-def mimic(tmp_path, request):
-    root = tmp_path / "mimic-cxr-jpg"
+def report_name(subject, study):
+    return f"files/p{subject[:2]}/p{subject}/s{study}.txt"
+
+
+def write_mimic_jpg(root, gz=".gz"):
+    """MIMIC-CXR-JPG v2.0.0 as PhysioNet ships it: images and .csv.gz tables, no reports."""
     for subject, study, dicom, _, _ in MIMIC_IMAGES:
         save_gray(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg")
-        (root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt").write_text(MIMIC_REPORTS[study])
-    write_csv(root / f"mimic-cxr-2.0.0-metadata.csv{request.param}",
+    write_csv(root / f"mimic-cxr-2.0.0-metadata.csv{gz}",
               ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
                "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
                "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"],
               [[d, s, st, "CHEST (PA AND LAT)", v, 16, 20, 21800506, 213014.531, "CHEST (PA AND LAT)",
                 "postero-anterior", "Erect"] for s, st, d, v, _ in MIMIC_IMAGES])
-    write_csv(root / f"mimic-cxr-2.0.0-split.csv{request.param}", ["dicom_id", "study_id", "subject_id", "split"],
+    write_csv(root / f"mimic-cxr-2.0.0-split.csv{gz}", ["dicom_id", "study_id", "subject_id", "split"],
               [[d, st, s, sp] for s, st, d, _, sp in MIMIC_IMAGES])
-    return root
+    write_csv(root / f"mimic-cxr-2.0.0-chexpert.csv{gz}", ["subject_id", "study_id", "Atelectasis"],
+              [[s, st, ""] for s, st, *_ in MIMIC_IMAGES])
+
+
+def write_mimic_reports(where: str, root, skip=()):
+    """MIMIC-CXR's reports (mimic-cxr-reports.zip: files/pXX/pNNNNNNNN/sNNNNNNNN.txt): "zip" beside
+    the image folder, "folder": that zip unpacked beside it, "inside": unpacked into the image folder.
+    Returns what to pass as reports= (None: found in the image folder)."""
+    texts = {report_name(subject, study): MIMIC_REPORTS[study] for subject, study, *_ in MIMIC_IMAGES
+             if study not in skip}
+    if where == "zip":
+        with zipfile.ZipFile(root.parent / "mimic-cxr-reports.zip", "w", zipfile.ZIP_DEFLATED) as z:
+            for name, text in texts.items():
+                z.writestr(name, text)
+        return root.parent / "mimic-cxr-reports.zip"
+    base = root.parent / "mimic-cxr-reports" if where == "folder" else root
+    for name, text in texts.items():
+        (base / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / name).write_text(text)
+    return base if where == "folder" else None
+
+
+@pytest.fixture(params=[("", "inside"), (".gz", "folder"), (".gz", "zip")], ids=["csv-inside", "gz-folder", "gz-zip"])
+def mimic(tmp_path, request):
+    """(MIMIC-CXR-JPG folder, reports= for it)."""
+    gz, where = request.param
+    root = tmp_path / "mimic-cxr-jpg"
+    write_mimic_jpg(root, gz)
+    return root, write_mimic_reports(where, root)
 
 
 def test_mimic_frontal_official_split(mimic):
+    root, reports = mimic
+
     def pairs(split):
-        return [(str(p.image.relative_to(mimic)), p.report) for p in read_pairs(mimic, split=split)]
+        return [(str(p.image.relative_to(root)), p.report) for p in read_pairs(root, split=split, reports=reports)]
 
     assert pairs("train") == [  # the lateral, LL and view-less images are gone
         ("files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg",
@@ -170,27 +243,80 @@ def test_mimic_frontal_official_split(mimic):
     assert [p for p, _ in pairs("test")] == [
         "files/p11/p11000011/s51029426/e084de3b-be89b11e-20fe3f9f-9c8d8dfe-4cfd202c.jpg"]
     with pytest.raises(ValueError, match="official splits are train, validate, test"):
-        read_pairs(mimic, split="val")
-    dataset = ImageReportDataset(read_pairs(mimic, "mimic-cxr"), resolution=8)
+        read_pairs(root, split="val")
+    dataset = ImageReportDataset(read_pairs(root, "mimic-cxr", reports=reports), resolution=8)
     assert len(dataset) == 3 and dataset[0]["pixel_values"].shape == (3, 8, 8)
 
 
-def test_mimic_missing_tables(mimic):
-    for table in mimic.glob("mimic-cxr-2.0.0-split.csv*"):
+def test_mimic_reports_zip_read_in_place_from_a_read_only_mount(tmp_path):
+    root = tmp_path / "mimic-cxr-jpg"
+    write_mimic_jpg(root)
+    zipped = write_mimic_reports("zip", root)
+    (root / zipped.name).write_bytes(zipped.read_bytes())  # also found inside the image folder
+    before = sorted(tmp_path.rglob("*"))
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        for reports in (zipped, None):
+            assert [p.report for p in read_pairs(root, reports=reports)][0] == "No acute cardiopulmonary process."
+    finally:
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o755)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing unpacked anywhere
+
+
+def test_mimic_without_reports_says_what_to_download(tmp_path):
+    root = tmp_path / "mimic-cxr-jpg"
+    write_mimic_jpg(root)
+    with pytest.raises(ValueError) as error:
+        ImageReportDataset(read_pairs(root), resolution=8)
+    message = str(error.value)
+    assert "\n" not in message and "skipped 3: 3 missing report" in message
+    assert "download mimic-cxr-reports.zip from MIMIC-CXR v2.0.0" in message and "--reports" in message
+    images_only = ImageReportDataset(read_pairs(root), resolution=8, needs_report=False)  # train_vae.py
+    assert len(images_only) == 3
+    with pytest.raises(ValueError, match="--reports .*nowhere does not exist; MIMIC-CXR-JPG holds no reports"):
+        read_pairs(root, reports=tmp_path / "nowhere")
+    (tmp_path / "half.zip").write_bytes(b"PK\x03\x04 half a download")
+    with pytest.raises(ValueError, match="half.zip: not a readable zip .*download mimic-cxr-reports.zip again"):
+        read_pairs(root, reports=tmp_path / "half.zip")
+    with pytest.raises(ValueError, match="--reports is for MIMIC-CXR only"):
+        read_pairs(tmp_path / "x.csv", "csv", reports=tmp_path)
+
+
+@pytest.mark.parametrize("where", ["folder", "zip"])
+def test_mimic_missing_report_is_missing_not_empty(tmp_path, where):
+    root = tmp_path / "mimic-cxr-jpg"
+    write_mimic_jpg(root)
+    reports = write_mimic_reports(where, root, skip={"53189527"})
+    dataset = ImageReportDataset(read_pairs(root, reports=reports), resolution=8)
+    assert len(dataset) == 2 and list(dataset.skipped) == ["missing report"]
+    assert [p.name for p in dataset.skipped["missing report"]] == ["2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab.jpg"]
+    assert "1 missing report" in dataset.summary() and "mimic-cxr-reports.zip" in dataset.summary()
+
+
+def test_mimic_damaged_tables_are_one_line_errors(tmp_path):
+    root = tmp_path / "mimic-cxr-jpg"
+    write_mimic_jpg(root)
+    write_mimic_reports("inside", root)
+    split = root / "mimic-cxr-2.0.0-split.csv.gz"
+    whole = split.read_bytes()
+    split.write_bytes(whole[: len(whole) // 2])  # a half-downloaded file: EOFError inside gzip
+    with pytest.raises(ValueError, match=r"split.csv.gz cannot be read \(EOFError.*download it again") as error:
+        read_pairs(root)
+    assert "\n" not in str(error.value)
+    split.write_bytes(whole)
+    write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "Rows"], [["a", 1, 2, 3]])
+    with pytest.raises(ValueError, match="metadata.csv.gz has no column 'ViewPosition'; use"):
+        read_pairs(root)
+    for table in root.glob("mimic-cxr-2.0.0-split.csv*"):
         table.unlink()
     with pytest.raises(ValueError, match="lacks mimic-cxr-2.0.0-split.csv"):
-        read_pairs(mimic)
-    for table in mimic.glob("mimic-cxr-2.0.0-metadata.csv*"):
+        read_pairs(root)
+    for table in root.glob("mimic-cxr-2.0.0-metadata.csv*"):
         table.unlink()
     with pytest.raises(ValueError, match="none of the known layouts"):
-        read_pairs(mimic)
-
-
-def test_mimic_missing_report_is_an_empty_report(mimic):
-    (mimic / "files/p10/p10000032/s53189527.txt").unlink()
-    dataset = ImageReportDataset(read_pairs(mimic), resolution=8)
-    assert len(dataset) == 2 and [p.name for p in dataset.skipped["empty report"]] == [
-        "2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab.jpg"]
+        read_pairs(root)
 
 
 # ----------------------------------------------------------------------------- Open-I layout
