@@ -55,7 +55,7 @@ import torch
 from PIL import Image
 
 FRONTAL = {"PA", "AP"}
-LATERAL = {"LL", "RL", "LATERAL", "L"}  # DICOM View Position, and torchxrayvision's t-SNE label "L"
+LATERAL = {"LL", "RL", "LATERAL", "L"}  # DICOM View Position (and "LARGE LATERAL"), the t-SNE table's "L"
 MIMIC_SPLITS = ("train", "validate", "test")
 CROPS = ("pad", "center")
 REPORTS_HINT = ("MIMIC-CXR-JPG holds no reports: download mimic-cxr-reports.zip from MIMIC-CXR v2.0.0 "
@@ -283,13 +283,14 @@ def read_openi(root: Path, view_table=None) -> list[Pair]:
                 pairs.append(Pair(pngs.get(i, root / f"{i}.png"), text))
             else:
                 dropped["not in the view table" if view is None else "blank View Position" if not view else
-                        "lateral" if view in LATERAL else "other view"] += 1
+                        "lateral" if view in LATERAL or "LATERAL" in view else "other view"] += 1
     if views is not None:
+        if len(tables) == 1:
+            dropped = {(f"{k} (view unknown: add nlmcxr_tsne_pa.csv.gz after it to --view-table to take the "
+                        "views image clustering gives them)" if k.startswith("blank") else k): n for k, n in dropped.items()}
         why = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
-        hint = (" (view unknown: add nlmcxr_tsne_pa.csv.gz after it to --view-table to take the views image "
-                "clustering gives them)" if dropped["blank View Position"] and len(tables) == 1 else "")
         warnings.warn(f"Open-I view table: kept {len(pairs)} frontal (PA/AP) of {len(pairs) + sum(dropped.values())} "
-                      f"images; dropped {why or 'none'}{hint}", stacklevel=3)
+                      f"images; dropped {why or 'none'}", stacklevel=3)
     return pairs
 
 
