@@ -34,8 +34,10 @@ Choices where the paper is silent:
   - 16-bit PNGs (Pillow mode I;16 or I) are divided by 2^b - 1, b the fewest bits (at least 8) that
     hold the image's largest value: 12-bit DICOM data in a 16-bit PNG by 4095, full 16-bit by 65535.
     Dividing 12-bit data by 65535 would leave it almost black.
-  - JPEGs are decoded at reduced size (Pillow's draft mode: libjpeg's DCT scaling by 1/2, 1/4 or 1/8,
-    keeping both sides at least R): a 2544x3056 MIMIC image decodes at 636x764 for R = 512.
+  - Speed (benchmarks/bench_data.py): JPEGs are decoded at reduced size (Pillow's draft mode: libjpeg's
+    DCT scaling by 1/2, 1/4 or 1/8, keeping both sides at least R; a 2544x3056 MIMIC image decodes at
+    636x764 for R = 512), and a large reduction starts with an integer box reduction (Pillow's
+    reducing_gap=2: bicubic for the last factor of 2 or more; a mean difference of 0.05 gray levels).
   - Bad pairs are counted and skipped; `ImageReportDataset.summary()` is the one line to print.
 """
 import csv
@@ -58,6 +60,7 @@ FRONTAL = {"PA", "AP"}
 LATERAL = {"LL", "RL", "LATERAL", "L"}  # DICOM View Position (and "LARGE LATERAL"), the t-SNE table's "L"
 MIMIC_SPLITS = ("train", "validate", "test")
 CROPS = ("pad", "center")
+BICUBIC = Image.Resampling.BICUBIC
 REPORTS_HINT = ("MIMIC-CXR-JPG holds no reports: download mimic-cxr-reports.zip from MIMIC-CXR v2.0.0 "
                 "(physionet.org/content/mimic-cxr/2.0.0/) and pass it, or the folder it unpacks to, as --reports")
 
@@ -379,14 +382,14 @@ def load_image(path, resolution: int, crop: str = "pad") -> torch.Tensor:
     if crop == "center":
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
-        square = gray.resize((resolution, resolution), Image.Resampling.BICUBIC,
-                             box=(left, top, left + side, top + side))  # crop, then resize
+        square = gray.resize((resolution, resolution), BICUBIC, box=(left, top, left + side, top + side),
+                             reducing_gap=2.0)  # crop, then resize
     else:  # resize the long side to R, then pad: the same as padding first, without the padded pixels' cost
         side = max(w, h)
         size = (max(1, round(w * resolution / side)), max(1, round(h * resolution / side)))
         square = Image.new(gray.mode, (resolution, resolution), 0)
-        square.paste(gray.resize(size, Image.Resampling.BICUBIC), ((resolution - size[0]) // 2,
-                                                                   (resolution - size[1]) // 2))
+        square.paste(gray.resize(size, BICUBIC, reducing_gap=2.0), ((resolution - size[0]) // 2,
+                                                                    (resolution - size[1]) // 2))
     x = torch.from_numpy(np.array(square, dtype=np.float32)) * (2 * scale) - 1  # (R, R)
     return x.clamp(-1, 1).expand(3, -1, -1).contiguous()  # (3, R, R); bicubic can overshoot, hence the clamp
 
