@@ -396,7 +396,7 @@ def test_openi_view_table_keeps_frontal_and_says_what_it_dropped(openi, tmp_path
     table = tmp_path / f"nlmcxr_dicom_metadata.{suffix}"
     # the table names the XML's CXR1_1_IM-0001-3001 without the "_1", as the real one does
     write_csv(table, DICOM_COLUMNS, [dicom_row("CXR1_IM-0001-3001", "PA"), dicom_row("CXR1_IM-0001-4001", "LL"),
-                                     dicom_row("CXR2_IM-0652-1001", ""), dicom_row("CXR2_IM-0652-2001", "LATERAL"),
+                                     dicom_row("CXR2_IM-0652-1001", ""), dicom_row("CXR2_IM-0652-2001", "LARGE LATERAL"),
                                      dicom_row("CXR4_IM-2050-1001", "AP")])
     with pytest.warns(UserWarning) as caught:
         pairs = read_pairs(openi, view_table=table)
@@ -569,7 +569,7 @@ def test_pad_keeps_the_whole_chest(tmp_path, fmt):
         load_image(tmp_path / f"tall.{fmt}", 32, crop="middle")
 
 
-def test_jpeg_decoded_at_reduced_size_looks_the_same(tmp_path):
+def test_jpeg_decoded_at_reduced_size_looks_the_same(tmp_path, monkeypatch):
     """Draft mode decodes a 2544x3056 JPEG at 1/4 for R = 128 (and never below R): same picture."""
     y, x = np.mgrid[0:3056, 0:2544]
     film = (128 + 100 * np.sin(x / 300) * np.cos(y / 400)).astype(np.uint8)
@@ -577,7 +577,11 @@ def test_jpeg_decoded_at_reduced_size_looks_the_same(tmp_path):
     with Image.open(tmp_path / "big.jpg") as img:
         img.draft("L", (128, 128))
         assert img.size == (318, 382)  # 1/8: both sides still >= 128
+    resized = []
+    real = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, *a, **k: resized.append(self.size) or real(self, *a, **k))
     fast = load_image(tmp_path / "big.jpg", 128)[0]
+    assert resized == [(318, 382)]  # load_image decoded it at 1/8
     full = Image.fromarray(film).resize((107, 128), Image.Resampling.BICUBIC)  # no draft, pad by hand
     slow = torch.full((128, 128), -1.0)
     slow[:, 10:117] = torch.from_numpy(np.asarray(full, dtype=np.float32)) / 255 * 2 - 1
@@ -744,3 +748,26 @@ def test_train_cache_latents_decodes_each_image_once(tmp_path, monkeypatch):
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
               for run in ("cached", "plain")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # the same training, without the decoding
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_cli_errors_are_one_line_and_help_names_the_downloads(openi, tmp_path, capsys):
+    train = pytest.importorskip("train")
+    base = ["--init", "tiny", "--resolution", "32", "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as error:
+        train.main(["--data", str(openi), "--view-table", str(tmp_path), *base])
+    assert str(error.value) == f"train.py: error: {tmp_path} is a folder; a view table needs the columns 'imageid' " \
+                               "and 'View Position' (or 'tsne-view'), like torchxrayvision's nlmcxr_dicom_metadata.csv.gz"
+    root = tmp_path / "mimic-cxr-jpg"
+    write_mimic_jpg(root)
+    with pytest.raises(SystemExit) as error:  # no reports anywhere
+        train.main(["--data", str(root), *base])
+    assert "\n" not in str(error.value) and "3 missing report" in str(error.value)
+    assert "--reports" in str(error.value) and "mimic-cxr-reports.zip" in str(error.value)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    for words in ("MIMIC-CXR-JPG v2.0.0", "mimic-cxr-reports.zip of MIMIC-CXR v2.0.0", "--reports", "NLMCXR_png.tgz",
+                  "NLMCXR_reports.tgz", "nlmcxr_dicom_metadata.csv.gz", "nlmcxr_tsne_pa.csv.gz",
+                  "pad = zero-pad the short side", "(default, as RoentGen-v2)"):
+        assert words in usage, words
