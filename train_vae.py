@@ -31,6 +31,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -142,6 +143,7 @@ def reconstruct(model, x, path: Path) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    warnings.showwarning = lambda message, *_, **__: print(f"train_vae.py: warning: {message}", file=sys.stderr)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         error("--device cuda, but this torch build sees no CUDA GPU; use --device cpu")
