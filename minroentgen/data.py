@@ -215,8 +215,8 @@ def read_mimic(root: Path, split: str, reports=None) -> list[Pair]:
     split_of = {row["dicom_id"]: row["split"]
                 for row in _mimic_table(root, "mimic-cxr-2.0.0-split.csv", ["dicom_id", "split"])}
     pairs, impressions = [], {}
-    metadata = _mimic_table(root, "mimic-cxr-2.0.0-metadata.csv", ["dicom_id", "subject_id", "study_id", "ViewPosition"])
-    for row in metadata:
+    needed = ["dicom_id", "subject_id", "study_id", "ViewPosition"]
+    for row in _mimic_table(root, "mimic-cxr-2.0.0-metadata.csv", needed):
         if row["ViewPosition"] not in FRONTAL or split_of.get(row["dicom_id"]) != split:
             continue
         subject, study = row["subject_id"], row["study_id"]
@@ -289,8 +289,9 @@ def read_openi(root: Path, view_table=None) -> list[Pair]:
                         "lateral" if view in LATERAL or "LATERAL" in view else "other view"] += 1
     if views is not None:
         if len(tables) == 1:
-            dropped = {(f"{k} (view unknown: add nlmcxr_tsne_pa.csv.gz after it to --view-table to take the "
-                        "views image clustering gives them)" if k.startswith("blank") else k): n for k, n in dropped.items()}
+            hint = " (view unknown: add nlmcxr_tsne_pa.csv.gz after it to --view-table to take the views image " \
+                   "clustering gives them)"
+            dropped = {(k + hint if k.startswith("blank") else k): n for k, n in dropped.items()}
         why = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
         warnings.warn(f"Open-I view table: kept {len(pairs)} frontal (PA/AP) of {len(pairs) + sum(dropped.values())} "
                       f"images; dropped {why or 'none'}", stacklevel=3)
