@@ -163,7 +163,11 @@ class MimicReports:
         """The report of a study, or None when there is none."""
         if self.zip is not None:
             name = self.members.get(study)
-            return None if name is None else self.zip.read(name).decode("utf-8", errors="replace")
+            try:
+                return None if name is None else self.zip.read(name).decode("utf-8", errors="replace")
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+                raise ValueError(f"--reports {self.path}: {name} is damaged ({e}); download "
+                                 "mimic-cxr-reports.zip again") from None
         path = self.base / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt"
         return path.read_text(errors="replace") if path.is_file() else None
 

@@ -280,6 +280,13 @@ def test_mimic_without_reports_says_what_to_download(tmp_path):
     (tmp_path / "half.zip").write_bytes(b"PK\x03\x04 half a download")
     with pytest.raises(ValueError, match="half.zip: not a readable zip .*download mimic-cxr-reports.zip again"):
         read_pairs(root, reports=tmp_path / "half.zip")
+    damaged = tmp_path / "damaged.zip"
+    data = bytearray(write_mimic_reports("zip", root).read_bytes())
+    first = zipfile.ZipFile(root.parent / "mimic-cxr-reports.zip").infolist()[0]
+    data[first.header_offset + 30 + len(first.filename) + 5] ^= 0xFF  # a flipped bit inside its deflated text
+    damaged.write_bytes(data)
+    with pytest.raises(ValueError, match="damaged.zip: files/p10/p10000032/s50414267.txt is damaged .*again"):
+        read_pairs(root, reports=damaged)  # a member's checksum fails
     with pytest.raises(ValueError, match="--reports is for MIMIC-CXR only"):
         read_pairs(tmp_path / "x.csv", "csv", reports=tmp_path)
 
