@@ -5,16 +5,18 @@ written in the style of MIMIC-CXR and Open-I (Open-I's first report is the publi
 import csv
 import gzip
 import json
+import os
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from minroentgen.data import (ImageReportDataset, Pair, extract_impression, load_image, openi_report,
-                              read_pairs, report_sections)
+from minroentgen.data import (ImageReportDataset, Pair, default_workers, extract_impression, load_image,
+                              openi_report, read_pairs, read_views, report_sections)
 
 # ----------------------------------------------------------------------------- report texts
 
@@ -434,12 +436,9 @@ def test_openi_view_table_errors(openi, tmp_path):
 
 def test_real_openi_tables_if_present():
     """torchxrayvision's own tables (pip download torchxrayvision; unzip; TXV_DATA=.../torchxrayvision/data)."""
-    import os
-    from pathlib import Path
     data = Path(os.environ.get("TXV_DATA", "/nonexistent"))
     if not (data / "nlmcxr_dicom_metadata.csv.gz").is_file():
         pytest.skip("set TXV_DATA to torchxrayvision's data/ folder to run this")
-    from minroentgen.data import read_views
     dicom = read_views([data / "nlmcxr_dicom_metadata.csv.gz"])
     assert dicom["CXR1_IM-0001-3001"] in ("PA", "AP", "LL", "LATERAL", "RL", "")
     both = read_views([data / "nlmcxr_dicom_metadata.csv.gz", data / "nlmcxr_tsne_pa.csv.gz"])
@@ -728,7 +727,6 @@ def test_cached_latents_skip_decoding(messy, tmp_path):
 
 
 def test_default_workers_share_the_cores(monkeypatch):
-    from minroentgen.data import default_workers
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert default_workers() == 3

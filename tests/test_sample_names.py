@@ -1,6 +1,5 @@
 """sample.py's file names: prompt slug cut at a word, seed and image index labelled, copies as _v2, and a grid
 that names and shows every prompt (issue 25, point 8). A stand-in model: no weights needed."""
-import types
 
 import pytest
 import torch
