@@ -126,7 +126,8 @@ def extract_impression(text: str) -> str:
     """The prompt RoentGen trains on, by the rules of MIMIC-CXR's own parser: empty impression and
     findings sections are dropped; if neither kind is left, the last section's paragraphs after its
     first (paragraphs end at a "\\n \\n" line) are the "last paragraph"; then the last section of the
-    first kind present among impression, findings, last paragraph, comparison wins; else ""."""
+    first kind present among impression, findings, last paragraph, comparison wins; else "". (The
+    parser's hand-written exceptions for a few hundred named studies are not applied.)"""
     sections = [(name, body) for name, body in report_sections(text)
                 if name not in ("impression", "findings") or body.strip()]
     names = [name for name, _ in sections]
