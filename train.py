@@ -109,8 +109,8 @@ def parse_args(argv=None):
     a("--gradient-checkpointing", action="store_true",
       help="recompute activations in the backward pass: less memory, slower")
     a("--cache-latents", action="store_true", help="keep each image's VAE posterior in memory after its first "
-      "use, so the VAE encodes every image once (same losses as without; memory: 8 x (R/8)^2 numbers an image, "
-      "64 KB at 512 in bf16)")
+      "use, so the VAE encodes every image once and the loaders decode it once (same losses as without; memory: "
+      "8 x (R/8)^2 numbers an image, 64 KB at 512 in bf16)")
     a("--seed", type=int, default=0,
       help="seeds data order, noise, timesteps and --init weights: a run repeats exactly (default 0)")
     a("--save-every", type=int, default=1000, help="write a checkpoint every N steps (default 1000)")
