@@ -87,16 +87,29 @@ def pick_device(name: str) -> torch.device:
 
 
 def slug(text: str) -> str:
-    """A file name from a prompt: "Épanchement pleural gauche" -> "epanchement-pleural-gauche"."""
+    """A file name from a prompt, at most 60 characters cut at a word's end:
+    "Épanchement pleural gauche" -> "epanchement-pleural-gauche"."""
     plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()  # accents dropped, letters kept
-    return re.sub(r"[^a-z0-9]+", "-", plain.lower()).strip("-")[:60] or "prompt"
+    words = re.sub(r"[^a-z0-9]+", "-", plain.lower()).strip("-")
+    return (words if len(words) <= 60 else words[:61].rsplit("-", 1)[0][:60]) or "prompt"
+
+
+def image_stem(prompt: str, seed: int, i: int) -> str:
+    """"small-left-pleural-effusion_seed0_img1": image 1 of --n for this prompt and --seed."""
+    return f"{slug(prompt)}_seed{seed}_img{i}"
+
+
+def grid_stem(prompts: list, seed: int) -> str:
+    """"grid_small-left-pleural-effusion_seed0", or "grid_<first>_and-2-more_seed0" for 3 prompts."""
+    more = f"_and-{len(prompts) - 1}-more" if len(prompts) > 1 else ""
+    return f"grid_{slug(prompts[0])}{more}_seed{seed}"
 
 
 def free_path(folder: Path, stem: str) -> Path:
-    """`folder/stem.png`, or `stem-2.png`, `stem-3.png`, ... if taken: never overwrite."""
+    """`folder/stem.png`, or `stem_v2.png`, `stem_v3.png`, ... if taken: never overwrite."""
     path, k = folder / f"{stem}.png", 2
     while path.exists():
-        path, k = folder / f"{stem}-{k}.png", k + 1
+        path, k = folder / f"{stem}_v{k}.png", k + 1
     return path
 
 
@@ -131,12 +144,13 @@ def main(argv=None):
             for key, value in dict(prompt=prompt, negative_prompt=args.negative, seed=args.seed,
                                    weights=str(weights), index=i, **settings).items():
                 meta.add_text(key, str(value))
-            path = free_path(out, f"{slug(prompt)}-{args.seed}-{i}")
+            path = free_path(out, image_stem(prompt, args.seed, i))
             Image.fromarray(pixels.numpy()).save(path, pnginfo=meta)
             written.append((path, pixels))
-    if len(written) > 1:
-        path = free_path(out, f"grid-{slug(args.prompts[0])}-{args.seed}")
-        Image.fromarray(image_grid(torch.stack([g for _, g in written]), cols=args.n).numpy()).save(path)
+    if len(written) > 1:  # a row per prompt; with --n 1 all prompts in one row
+        path = free_path(out, grid_stem(args.prompts, args.seed))
+        cols = args.n if args.n > 1 else len(written)
+        Image.fromarray(image_grid(torch.stack([g for _, g in written]), cols=cols).numpy()).save(path)
         written.append((path, None))
     for path, _ in written:
         print(path)

@@ -9,6 +9,16 @@ The defaults are the paper's: 512x512 frontal images with their impressions, bf1
   python train.py --data phantoms/reports.csv --init tiny --resolution 32 --batch-size 16 --max-steps 2000 \\
                   --lr 1e-3 --warmup 100 --out runs/tiny
   python sample.py "small left pleural effusion" --weights runs/tiny/final
+
+Real data (each a separate download; nothing is fetched at run time):
+  MIMIC-CXR  the images: MIMIC-CXR-JPG v2.0.0 (PhysioNet, credentialed): --data is its folder, holding
+             files/, mimic-cxr-2.0.0-metadata.csv.gz and mimic-cxr-2.0.0-split.csv.gz. The reports are
+             not in it: mimic-cxr-reports.zip of MIMIC-CXR v2.0.0 (PhysioNet), given as --reports (the zip,
+             read in place, or the folder it unpacks to); a zip or unpacked files/ in --data is found too.
+  Open-I     NLMCXR_png.tgz (images) and NLMCXR_reports.tgz (ecgen-radiology/*.xml) from
+             openi.nlm.nih.gov, unpacked into one folder given as --data. The views: --view-table
+             nlmcxr_dicom_metadata.csv.gz (in the torchxrayvision package's data/ folder), optionally
+             followed by nlmcxr_tsne_pa.csv.gz to name the views the DICOM headers leave blank.
 """
 import argparse
 import json
@@ -17,6 +27,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minroentgen import training as T
-from minroentgen.data import ImageReportDataset, read_pairs
+from minroentgen.data import ImageReportDataset, default_workers, read_pairs
 from minroentgen.pipeline import StableDiffusion
 from minroentgen.noise_schedule import NoiseSchedule
 
@@ -45,7 +56,14 @@ def parse_args(argv=None):
     a("--dataset", choices=["csv", "mimic-cxr", "openi"], help="the layout of --data (default: inferred from it)")
     a("--split", default="train", choices=["train", "validate", "test"],
       help="MIMIC-CXR only: the official split to train on (default train)")
-    a("--view-table", help="Open-I only: a CSV with imageid and 'View Position' to keep frontal images (see data.py)")
+    a("--reports", help="MIMIC-CXR only: mimic-cxr-reports.zip (MIMIC-CXR v2.0.0; read without unpacking) or the "
+      "folder it unpacks to (default: reports in --data, or --data/mimic-cxr-reports.zip)")
+    a("--view-table", nargs="+", metavar="CSV", help="Open-I only: keep the images these tables call PA or AP: "
+      "nlmcxr_dicom_metadata.csv.gz from torchxrayvision (imageid, 'View Position'); a blank view is unknown and "
+      "dropped unless a later table names it, e.g. its nlmcxr_tsne_pa.csv.gz (views by image clustering)")
+    a("--crop", choices=["pad", "center"], default="pad", help="how an image becomes square: pad = zero-pad the "
+      "short side, keeping the whole chest (default, as RoentGen-v2); center = cut the long side, losing chest "
+      "wall, apices or costophrenic angles (a median 18%% of Open-I frontal images)")
     a("--strict", action="store_true", help="stop at the first bad image-report pair instead of skipping it")
     a("--weights", help="start from these weights: anything sample.py --weights loads (the paper: SD v1.4)")
     a("--config", help="with a single-file --weights: a diffusers folder whose configs describe its architecture "
@@ -91,8 +109,8 @@ def parse_args(argv=None):
     a("--gradient-checkpointing", action="store_true",
       help="recompute activations in the backward pass: less memory, slower")
     a("--cache-latents", action="store_true", help="keep each image's VAE posterior in memory after its first "
-      "use, so the VAE encodes every image once (same losses as without; memory: 8 x (R/8)^2 numbers an image, "
-      "64 KB at 512 in bf16)")
+      "use, so the VAE encodes every image once and the loaders decode it once (same losses as without; memory: "
+      "8 x (R/8)^2 numbers an image, 64 KB at 512 in bf16)")
     a("--seed", type=int, default=0,
       help="seeds data order, noise, timesteps and --init weights: a run repeats exactly (default 0)")
     a("--save-every", type=int, default=1000, help="write a checkpoint every N steps (default 1000)")
@@ -104,8 +122,8 @@ def parse_args(argv=None):
     a("--val-steps", type=int, default=25, help="DDIM steps for the validation samples (default 25)")
     a("--log-every", type=int, default=10, help="log loss, learning rate, images/s every N steps (default 10)")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto: CUDA if there is one")
-    a("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-      help="data loading processes per training process (default: 4, or the number of CPU cores if fewer)")
+    a("--num-workers", type=int, help="data loading processes per training process (default: the CPU cores "
+      "this process may use, shared among the training processes on this machine, minus one for itself)")
     args = p.parse_args(argv)
     if args.resume is None and (not args.weights) == (args.init is None):
         p.error("give exactly one of --weights PATH (e.g. SD v1.4) and --init PRESET (random weights)")
@@ -148,6 +166,7 @@ class StopFlag:
 
 def main(argv=None):
     args = parse_args(argv)
+    warnings.showwarning = lambda message, *_, **__: print(f"train.py: warning: {message}", file=sys.stderr)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
@@ -185,8 +204,8 @@ def train(args, device, world, rank):
         else:
             vae_model = T.load_vae(args.vae, device) if args.vae else None
             sd = T.random_model(args.init, args.resolution, args.seed, device, vae_model)
-        dataset = ImageReportDataset(read_pairs(args.data, args.dataset, args.split, args.view_table),
-                                     args.resolution, sd.tokenizer, args.strict)
+        pairs = read_pairs(args.data, args.dataset, args.split, args.view_table, args.reports)
+        dataset = ImageReportDataset(pairs, args.resolution, sd.tokenizer, args.strict, crop=args.crop)
     except ValueError as e:  # WeightsError included
         error(str(e))
     log(dataset.summary())
@@ -232,9 +251,12 @@ def train(args, device, world, rank):
     data = T.PositionDataset(dataset, sd.tokenizer, args.seed, latent_shape,
                              schedule.config.num_train_timesteps, args.text_dropout, args.text_augment)
     sampler = T.StepSampler(start, micro, accumulation, world, rank)
-    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=args.num_workers,
-                                               pin_memory=device.type == "cuda"))
     cache = {} if args.cache_latents else None
+    if cache is not None:  # workers skip decoding images whose latents are cached (shared memory flags)
+        dataset.skip_pixels = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
+    workers = default_workers() if args.num_workers is None else args.num_workers
+    batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=workers,
+                                               pin_memory=device.type == "cuda"))
     autocast = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
 
     def save(step):
@@ -267,6 +289,8 @@ def train(args, device, world, rank):
                 with autocast:
                     latents = T.encode_latents(sd.vae, b["pixel_values"].to(device), b["index"].tolist(),
                                                b["posterior_eps"], cache)
+                if cache is not None:
+                    dataset.skip_pixels[b["index"]] = True  # set after caching: a worker never skips too early
                 # the gradients are averaged over processes only after the last micro-batch
                 sync = model.no_sync() if world > 1 and k < accumulation - 1 else nullcontext()
                 with sync:

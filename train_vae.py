@@ -31,6 +31,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 from minroentgen import training as T
 from minroentgen import vae
 from minroentgen.configs import VAE_PRESETS
-from minroentgen.data import ImageReportDataset, read_pairs
+from minroentgen.data import ImageReportDataset, default_workers, read_pairs
 
 
 def parse_args(argv=None):
@@ -49,6 +50,11 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--data", required=True, help="a .csv/.jsonl file (image, report columns), a MIMIC-CXR-JPG or Open-I folder")
     a("--dataset", choices=["csv", "mimic-cxr", "openi"], help="the layout of --data (default: inferred from it)")
+    a("--split", default="train", choices=["train", "validate", "test"],
+      help="MIMIC-CXR only: the official split to train on (default train); no reports are needed")
+    a("--view-table", nargs="+", metavar="CSV", help="Open-I only: keep frontal images, as train.py --view-table")
+    a("--crop", choices=["pad", "center"], default="pad",
+      help="pad (zero-pad to square, keeping the whole chest; default) or center (cut the long side), as train.py")
     a("--init", choices=sorted(VAE_PRESETS), help="start from random weights of a named VAE config (minroentgen/configs.py "
       "VAE_PRESETS): sd15 is SD's (84M parameters, downsampling f = 8), small the embedded default's (2.7M, f = 4), "
       "tiny the tests' (0.7M, f = 2)")
@@ -70,7 +76,7 @@ def parse_args(argv=None):
     a("--sample-every", type=int, default=500, help="save inputs above reconstructions every N steps (default 500)")
     a("--log-every", type=int, default=10, help="log the losses every N steps (default 10)")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto: CUDA if there is one")
-    a("--num-workers", type=int, default=4, help="data loading processes (default 4)")
+    a("--num-workers", type=int, help="data loading processes (default: the CPU cores this process may use, minus one)")
     args = p.parse_args(argv)
     if not args.resume and (args.init is None) == (not args.weights):
         p.error("give exactly one of --init PRESET (random weights) and --weights VAE_FOLDER")
@@ -138,6 +144,7 @@ def reconstruct(model, x, path: Path) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    warnings.showwarning = lambda message, *_, **__: print(f"train_vae.py: warning: {message}", file=sys.stderr)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         error("--device cuda, but this torch build sees no CUDA GPU; use --device cpu")
@@ -154,7 +161,8 @@ def main(argv=None):
         f = model.config.downsample_factor
         if args.resolution % f:
             raise ValueError(f"--resolution {args.resolution} is not a multiple of {f}, the VAE's downsampling")
-        dataset = ImageReportDataset(read_pairs(args.data, args.dataset), args.resolution, needs_report=False)
+        pairs = read_pairs(args.data, args.dataset, args.split, args.view_table)
+        dataset = ImageReportDataset(pairs, args.resolution, needs_report=False, crop=args.crop)
     except ValueError as e:  # WeightsError included
         error(str(e))
     print(dataset.summary())
@@ -181,7 +189,8 @@ def main(argv=None):
 
     data = Images(dataset, None, args.seed, latent_shape, 0, 0.0)
     batches = iter(torch.utils.data.DataLoader(data, batch_sampler=T.StepSampler(start, args.batch_size, 1, 1, 0),
-                                               num_workers=args.num_workers, pin_memory=cuda))
+                                               num_workers=default_workers() if args.num_workers is None else args.num_workers,
+                                               pin_memory=cuda))
     shown = torch.stack([dataset[i]["pixel_values"] for i in range(min(8, len(dataset)))]).to(device)
 
     def save(step):  # the checkpoint's vae/config.json carries the scaling factor of its latents

@@ -23,6 +23,7 @@ import json
 import math
 import re
 import shutil
+import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -130,7 +131,10 @@ class PositionDataset(torch.utils.data.Dataset):
         posterior_eps = torch.randn(self.latent_shape, generator=g)
         example = self.dataset[i]
         report = "" if drop else augment_report(example["report"], self.text_augment, g, self.words)
-        return {"index": i, "pixel_values": example["pixel_values"], "input_ids": self.tokenizer([report])[0],
+        with warnings.catch_warnings():  # a long report is cut as sample.py cuts it; the dataset counted them
+            warnings.filterwarnings("ignore", "prompt truncated")
+            input_ids = self.tokenizer([report])[0]
+        return {"index": i, "pixel_values": example["pixel_values"], "input_ids": input_ids,
                 "timestep": t, "noise": noise, "posterior_eps": posterior_eps}
 
 

@@ -5,15 +5,18 @@ written in the style of MIMIC-CXR and Open-I (Open-I's first report is the publi
 import csv
 import gzip
 import json
+import os
 import warnings
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from minroentgen.data import (ImageReportDataset, Pair, extract_impression, load_image, openi_report,
-                              read_pairs, report_sections)
+from minroentgen.data import (ImageReportDataset, Pair, default_workers, extract_impression, load_image,
+                              openi_report, read_pairs, read_views, report_sections)
 
 # ----------------------------------------------------------------------------- report texts
 
@@ -85,6 +88,46 @@ MIMIC_LONG = """                                 FINAL REPORT
  frank edema.  4. Stable moderate cardiomegaly.  No pneumothorax.
 """
 
+# Written only under COMPARISON, no paragraph break in it: the official fallback's last step.
+MIMIC_COMPARISON_ONLY = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PORTABLE AP)
+ 
+ INDICATION:  ___ year old woman with new right IJ line.
+ 
+ COMPARISON:  Chest radiograph ___ at 05:12.  Right internal jugular line
+ ends in the low superior vena cava.  No pneumothorax.
+"""
+
+# Ends in an empty IMPRESSION heading: it is dropped, and the last paragraph is taken before it.
+MIMIC_EMPTY_IMPRESSION_AT_END = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PORTABLE AP)
+ 
+ INDICATION:  ___ year old man intubated for airway protection.
+ 
+ COMPARISON:  ___
+ 
+ Endotracheal tube ends 5 cm above the carina.  Nasogastric tube ends in the
+ stomach.  Lungs are clear.
+ 
+ IMPRESSION: 
+ 
+"""
+
+
+def test_impression_rules_of_the_official_parser():
+    # impression > findings > last paragraph > comparison; empty impression/findings dropped first
+    assert extract_impression(MIMIC_COMPARISON_ONLY) == (
+        "Chest radiograph ___ at 05:12. Right internal jugular line ends in the low superior vena cava. "
+        "No pneumothorax.")
+    assert extract_impression(MIMIC_EMPTY_IMPRESSION_AT_END) == (
+        "Endotracheal tube ends 5 cm above the carina. Nasogastric tube ends in the stomach. Lungs are clear.")
+    empty_findings = MIMIC_COMPARISON_ONLY + " \n FINDINGS: \n \n"
+    assert extract_impression(empty_findings) == extract_impression(MIMIC_COMPARISON_ONLY)
+    for heading in ("COMPARISION", "REFERENCE EXAM"):  # typo and synonym of the dataset's parser
+        assert extract_impression(f"FINAL REPORT\n {heading}:  Prior of ___.\n") == "Prior of ___."
+    # a last paragraph beats the comparison (MIMIC_NO_SECTION's COMPARISON is "___")
+    assert extract_impression(MIMIC_NO_SECTION).startswith("Single portable view")
+
 
 def test_impression_rules():
     assert extract_impression(MIMIC_FULL) == "No acute cardiopulmonary process."
@@ -137,26 +180,58 @@ def save_gray(path, size=(20, 16), value=128):
     Image.fromarray(np.full(size[::-1], value, dtype=np.uint8)).save(path)
 
 
-@pytest.fixture(params=["", ".gz"], ids=["csv", "csv.gz"])
-def mimic(tmp_path, request):
-    root = tmp_path / "mimic-cxr-jpg"
+def report_name(subject, study):
+    return f"files/p{subject[:2]}/p{subject}/s{study}.txt"
+
+
+def write_mimic_jpg(root, gz=".gz"):
+    """MIMIC-CXR-JPG v2.0.0 as PhysioNet ships it: images and .csv.gz tables, no reports."""
     for subject, study, dicom, _, _ in MIMIC_IMAGES:
         save_gray(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg")
-        (root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt").write_text(MIMIC_REPORTS[study])
-    write_csv(root / f"mimic-cxr-2.0.0-metadata.csv{request.param}",
+    write_csv(root / f"mimic-cxr-2.0.0-metadata.csv{gz}",
               ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
                "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
                "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"],
               [[d, s, st, "CHEST (PA AND LAT)", v, 16, 20, 21800506, 213014.531, "CHEST (PA AND LAT)",
                 "postero-anterior", "Erect"] for s, st, d, v, _ in MIMIC_IMAGES])
-    write_csv(root / f"mimic-cxr-2.0.0-split.csv{request.param}", ["dicom_id", "study_id", "subject_id", "split"],
+    write_csv(root / f"mimic-cxr-2.0.0-split.csv{gz}", ["dicom_id", "study_id", "subject_id", "split"],
               [[d, st, s, sp] for s, st, d, _, sp in MIMIC_IMAGES])
-    return root
+    write_csv(root / f"mimic-cxr-2.0.0-chexpert.csv{gz}", ["subject_id", "study_id", "Atelectasis"],
+              [[s, st, ""] for s, st, *_ in MIMIC_IMAGES])
+
+
+def write_mimic_reports(where: str, root, skip=()):
+    """MIMIC-CXR's reports (mimic-cxr-reports.zip: files/pXX/pNNNNNNNN/sNNNNNNNN.txt): "zip" beside
+    the image folder, "folder": that zip unpacked beside it, "inside": unpacked into the image folder.
+    Returns what to pass as reports= (None: found in the image folder)."""
+    texts = {report_name(subject, study): MIMIC_REPORTS[study] for subject, study, *_ in MIMIC_IMAGES
+             if study not in skip}
+    if where == "zip":
+        with zipfile.ZipFile(root.parent / "mimic-cxr-reports.zip", "w", zipfile.ZIP_DEFLATED) as z:
+            for name, text in texts.items():
+                z.writestr(name, text)
+        return root.parent / "mimic-cxr-reports.zip"
+    base = root.parent / "mimic-cxr-reports" if where == "folder" else root
+    for name, text in texts.items():
+        (base / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / name).write_text(text)
+    return base if where == "folder" else None
+
+
+@pytest.fixture(params=[("", "inside"), (".gz", "folder"), (".gz", "zip")], ids=["csv-inside", "gz-folder", "gz-zip"])
+def mimic(tmp_path, request):
+    """(MIMIC-CXR-JPG folder, reports= for it)."""
+    gz, where = request.param
+    root = tmp_path / "mimic-cxr-jpg"
+    write_mimic_jpg(root, gz)
+    return root, write_mimic_reports(where, root)
 
 
 def test_mimic_frontal_official_split(mimic):
+    root, reports = mimic
+
     def pairs(split):
-        return [(str(p.image.relative_to(mimic)), p.report) for p in read_pairs(mimic, split=split)]
+        return [(str(p.image.relative_to(root)), p.report) for p in read_pairs(root, split=split, reports=reports)]
 
     assert pairs("train") == [  # the lateral, LL and view-less images are gone
         ("files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg",
@@ -170,27 +245,87 @@ def test_mimic_frontal_official_split(mimic):
     assert [p for p, _ in pairs("test")] == [
         "files/p11/p11000011/s51029426/e084de3b-be89b11e-20fe3f9f-9c8d8dfe-4cfd202c.jpg"]
     with pytest.raises(ValueError, match="official splits are train, validate, test"):
-        read_pairs(mimic, split="val")
-    dataset = ImageReportDataset(read_pairs(mimic, "mimic-cxr"), resolution=8)
+        read_pairs(root, split="val")
+    dataset = ImageReportDataset(read_pairs(root, "mimic-cxr", reports=reports), resolution=8)
     assert len(dataset) == 3 and dataset[0]["pixel_values"].shape == (3, 8, 8)
 
 
-def test_mimic_missing_tables(mimic):
-    for table in mimic.glob("mimic-cxr-2.0.0-split.csv*"):
+def test_mimic_reports_zip_read_in_place_from_a_read_only_mount(tmp_path):
+    root = tmp_path / "mimic-cxr-jpg"
+    write_mimic_jpg(root)
+    zipped = write_mimic_reports("zip", root)
+    (root / zipped.name).write_bytes(zipped.read_bytes())  # also found inside the image folder
+    before = sorted(tmp_path.rglob("*"))
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        for reports in (zipped, None):
+            assert [p.report for p in read_pairs(root, reports=reports)][0] == "No acute cardiopulmonary process."
+    finally:
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o755)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing unpacked anywhere
+
+
+def test_mimic_without_reports_says_what_to_download(tmp_path):
+    root = tmp_path / "mimic-cxr-jpg"
+    write_mimic_jpg(root)
+    with pytest.raises(ValueError) as error:
+        ImageReportDataset(read_pairs(root), resolution=8)
+    message = str(error.value)
+    assert "\n" not in message and "skipped 3: 3 missing report" in message
+    assert "download mimic-cxr-reports.zip from MIMIC-CXR v2.0.0" in message and "--reports" in message
+    images_only = ImageReportDataset(read_pairs(root), resolution=8, needs_report=False)  # train_vae.py
+    assert len(images_only) == 3
+    with pytest.raises(ValueError, match="--reports .*nowhere does not exist; MIMIC-CXR-JPG holds no reports"):
+        read_pairs(root, reports=tmp_path / "nowhere")
+    (tmp_path / "half.zip").write_bytes(b"PK\x03\x04 half a download")
+    with pytest.raises(ValueError, match="half.zip: not a readable zip .*download mimic-cxr-reports.zip again"):
+        read_pairs(root, reports=tmp_path / "half.zip")
+    damaged = tmp_path / "damaged.zip"
+    data = bytearray(write_mimic_reports("zip", root).read_bytes())
+    first = zipfile.ZipFile(root.parent / "mimic-cxr-reports.zip").infolist()[0]
+    data[first.header_offset + 30 + len(first.filename) + 5] ^= 0xFF  # a flipped bit inside its deflated text
+    damaged.write_bytes(data)
+    with pytest.raises(ValueError, match="damaged.zip: files/p10/p10000032/s50414267.txt is damaged .*again"):
+        read_pairs(root, reports=damaged)  # a member's checksum fails
+    with pytest.raises(ValueError, match="--reports is for MIMIC-CXR only"):
+        read_pairs(tmp_path / "x.csv", "csv", reports=tmp_path)
+
+
+@pytest.mark.parametrize("where", ["folder", "zip"])
+def test_mimic_missing_report_is_missing_not_empty(tmp_path, where):
+    root = tmp_path / "mimic-cxr-jpg"
+    write_mimic_jpg(root)
+    reports = write_mimic_reports(where, root, skip={"53189527"})
+    dataset = ImageReportDataset(read_pairs(root, reports=reports), resolution=8)
+    assert len(dataset) == 2 and list(dataset.skipped) == ["missing report"]
+    assert [p.name for p in dataset.skipped["missing report"]] == ["2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab.jpg"]
+    assert "1 missing report" in dataset.summary() and "mimic-cxr-reports.zip" in dataset.summary()
+
+
+def test_mimic_damaged_tables_are_one_line_errors(tmp_path):
+    root = tmp_path / "mimic-cxr-jpg"
+    write_mimic_jpg(root)
+    write_mimic_reports("inside", root)
+    split = root / "mimic-cxr-2.0.0-split.csv.gz"
+    whole = split.read_bytes()
+    split.write_bytes(whole[: len(whole) // 2])  # a half-downloaded file: EOFError inside gzip
+    with pytest.raises(ValueError, match=r"split.csv.gz cannot be read \(EOFError.*download it again") as error:
+        read_pairs(root)
+    assert "\n" not in str(error.value)
+    split.write_bytes(whole)
+    write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "Rows"], [["a", 1, 2, 3]])
+    with pytest.raises(ValueError, match="metadata.csv.gz has no column 'ViewPosition'; use"):
+        read_pairs(root)
+    for table in root.glob("mimic-cxr-2.0.0-split.csv*"):
         table.unlink()
     with pytest.raises(ValueError, match="lacks mimic-cxr-2.0.0-split.csv"):
-        read_pairs(mimic)
-    for table in mimic.glob("mimic-cxr-2.0.0-metadata.csv*"):
+        read_pairs(root)
+    for table in root.glob("mimic-cxr-2.0.0-metadata.csv*"):
         table.unlink()
     with pytest.raises(ValueError, match="none of the known layouts"):
-        read_pairs(mimic)
-
-
-def test_mimic_missing_report_is_an_empty_report(mimic):
-    (mimic / "files/p10/p10000032/s53189527.txt").unlink()
-    dataset = ImageReportDataset(read_pairs(mimic), resolution=8)
-    assert len(dataset) == 2 and [p.name for p in dataset.skipped["empty report"]] == [
-        "2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab.jpg"]
+        read_pairs(root)
 
 
 # ----------------------------------------------------------------------------- Open-I layout
@@ -245,7 +380,8 @@ def test_openi_report(openi):
 
 
 def test_openi_without_view_table_warns_and_keeps_all(openi):
-    with pytest.warns(UserWarning, match="no view table given, so every image is used"):
+    with pytest.warns(UserWarning, match="no view table given, so every image is used.*pass --view-table "
+                      "nlmcxr_dicom_metadata.csv.gz"):
         pairs = read_pairs(openi)
     assert [(p.image.name, p.report[:20]) for p in pairs] == [
         ("CXR1_1_IM-0001-3001.png", "Normal chest x-XXXX."), ("CXR1_1_IM-0001-4001.png", "Normal chest x-XXXX."),
@@ -256,18 +392,58 @@ def test_openi_without_view_table_warns_and_keeps_all(openi):
     assert len(dataset) == 4 and dataset.skipped == {"empty report": [pairs[-1].image]}
 
 
+DICOM_COLUMNS = ["imageid", "Bits Stored", "Columns", "Modality", "Photometric Interpretation", "Rows",
+                 "View Position", "filename"]  # some of nlmcxr_dicom_metadata.csv.gz's 200 columns, in its order
+
+
+def dicom_row(imageid, view):
+    return [imageid, 12, 2320, "CR", "MONOCHROME1", 2828, view, f"./{imageid[3:]}.dcm"]
+
+
 @pytest.mark.parametrize("suffix", ["csv", "csv.gz"])
-def test_openi_view_table_keeps_frontal(openi, tmp_path, suffix):
+def test_openi_view_table_keeps_frontal_and_says_what_it_dropped(openi, tmp_path, suffix):
     table = tmp_path / f"nlmcxr_dicom_metadata.{suffix}"
-    write_csv(table, ["imageid", "Modality", "View Position", "Rows", "Columns"],
-              [["CXR1_1_IM-0001-3001", "CR", "PA", 2048, 2500], ["CXR1_1_IM-0001-4001", "CR", "LL", 2048, 2500],
-               ["CXR2_IM-0652-1001", "DX", "AP", 2500, 2048], ["CXR2_IM-0652-2001", "DX", "LATERAL", 2500, 2048],
-               ["CXR4_IM-2050-1001", "CR", "", 2048, 2048]])
-    pairs = read_pairs(openi, view_table=table)
-    assert [p.image.name for p in pairs] == ["CXR1_1_IM-0001-3001.png", "CXR2_IM-0652-1001.png"]
+    # the table names the XML's CXR1_1_IM-0001-3001 without the "_1", as the real one does
+    write_csv(table, DICOM_COLUMNS, [dicom_row("CXR1_IM-0001-3001", "PA"), dicom_row("CXR1_IM-0001-4001", "LL"),
+                                     dicom_row("CXR2_IM-0652-1001", ""), dicom_row("CXR2_IM-0652-2001", "LARGE LATERAL"),
+                                     dicom_row("CXR4_IM-2050-1001", "AP")])
+    with pytest.warns(UserWarning) as caught:
+        pairs = read_pairs(openi, view_table=table)
+    assert [p.image.name for p in pairs] == ["CXR1_1_IM-0001-3001.png", "CXR4_IM-2050-1001.png"]
+    message, = [str(w.message) for w in caught]
+    assert message.startswith("Open-I view table: kept 2 frontal (PA/AP) of 5 images; dropped 2 lateral, "
+                              "1 blank View Position (view unknown: add nlmcxr_tsne_pa.csv.gz")
+    # a blank DICOM view is filled from the image-clustering table given after it; its "L" is lateral
+    tsne = tmp_path / "nlmcxr_tsne_pa.csv.gz"
+    write_csv(tsne, ["imageid", "tsne-view"], [["CXR1_1_IM-0001-3001", "L"], ["CXR2_IM-0652-1001", "PA"]])
+    with pytest.warns(UserWarning, match=r"kept 3 frontal \(PA/AP\) of 5 images; dropped 2 lateral$"):
+        pairs = read_pairs(openi, view_table=[table, tsne])
+    assert [p.image.name for p in pairs] == ["CXR1_1_IM-0001-3001.png", "CXR2_IM-0652-1001.png", "CXR4_IM-2050-1001.png"]
+    with pytest.warns(UserWarning, match="kept 1 .* of 5 images; dropped 1 lateral, 3 not in the view table$"):
+        assert [p.image.name for p in read_pairs(openi, view_table=tsne)] == ["CXR2_IM-0652-1001.png"]
+
+
+def test_openi_view_table_errors(openi, tmp_path):
+    table = tmp_path / "views.csv"
     write_csv(table, ["imageid", "view"], [["CXR1_1_IM-0001-3001", "PA"]])
-    with pytest.raises(ValueError, match="'imageid' and 'View Position'"):
+    with pytest.raises(ValueError, match="views.csv has no column 'View Position' or 'tsne-view'; a view table needs"):
         read_pairs(openi, view_table=table)
+    with pytest.raises(ValueError, match="nowhere.csv.gz does not exist; a view table needs"):
+        read_pairs(openi, view_table=tmp_path / "nowhere.csv.gz")
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder; a view table needs"):
+        read_pairs(openi, view_table=tmp_path)
+
+
+def test_real_openi_tables_if_present():
+    """torchxrayvision's own tables (pip download torchxrayvision; unzip; TXV_DATA=.../torchxrayvision/data)."""
+    data = Path(os.environ.get("TXV_DATA", "/nonexistent"))
+    if not (data / "nlmcxr_dicom_metadata.csv.gz").is_file():
+        pytest.skip("set TXV_DATA to torchxrayvision's data/ folder to run this")
+    dicom = read_views([data / "nlmcxr_dicom_metadata.csv.gz"])
+    assert dicom["CXR1_IM-0001-3001"] in ("PA", "AP", "LL", "LATERAL", "RL", "")
+    both = read_views([data / "nlmcxr_dicom_metadata.csv.gz", data / "nlmcxr_tsne_pa.csv.gz"])
+    filled = [k for k, v in dicom.items() if not v and both[k] == "PA"]
+    assert len(filled) > 1000  # the t-SNE table calls about 1,100 blank ones PA
 
 
 # ----------------------------------------------------------------------------- csv / jsonl
@@ -288,7 +464,7 @@ def test_csv_and_jsonl_paths_relative_to_file(tmp_path, monkeypatch):
     write_csv(folder / "bad.csv", ["path", "report"], [["images/0000.png", "Normal."]])
     with pytest.raises(ValueError, match="row 1 lacks an 'image' or 'report' column"):
         read_pairs(folder / "bad.csv")
-    with pytest.raises(ValueError, match="view_table is for Open-I only"):
+    with pytest.raises(ValueError, match="--view-table is for Open-I only"):
         read_pairs(folder / "reports.csv", view_table=folder / "reports.csv")
     (folder / "broken.jsonl").write_text(json.dumps(rows[0]) + "\n\n" + '{"image": "a.png", "report": }\n')
     with pytest.raises(ValueError, match=r"broken.jsonl line 3: not valid JSON \(Expecting value\); each line"):
@@ -337,10 +513,14 @@ def test_load_image_16bit_keeps_contrast(tmp_path):
     assert x.min() == -1 and x.max() == 1  # the full range, not clipped at 255
     assert torch.all(x[:, 1:] > x[:, :-1])  # every column brighter than the one before
     torch.testing.assert_close(x[0], torch.from_numpy(ramp[0] / 65535 * 2 - 1).float(), atol=1e-6, rtol=0)
-    dim = (np.tile(np.arange(64), (64, 1)) * 50 + 1000).astype(np.uint16)  # all values > 255, all < 4200
+    twelve = (np.tile(np.arange(64), (64, 1)) * 65).astype(np.uint16)  # 12-bit data (0..4095) in a 16-bit PNG
+    Image.fromarray(twelve).save(tmp_path / "twelve.png")
+    y = load_image(tmp_path / "twelve.png", 64)[0]  # divided by 4095, not 65535: not almost black
+    torch.testing.assert_close(y[0], torch.from_numpy(twelve[0] / 4095 * 2 - 1).float(), atol=1e-6, rtol=0)
+    dim = (np.tile(np.arange(64), (64, 1)) * 50 + 1000).astype(np.uint16)  # 1000..4150: 13 bits
     Image.fromarray(dim).save(tmp_path / "dim16.png")
-    y = load_image(tmp_path / "dim16.png", 32)[0]
-    assert -0.98 < y.min() < y.max() < -0.86 and len(y[0].unique()) == 32
+    z = load_image(tmp_path / "dim16.png", 64)[0]
+    torch.testing.assert_close(z[0], torch.from_numpy(dim[0] / 8191 * 2 - 1).float(), atol=1e-6, rtol=0)
 
 
 def test_load_image_modes_agree(tmp_path):
@@ -371,11 +551,47 @@ def test_center_crop_geometry(tmp_path, size, resolution, marker, box):
     else:
         img[[0, h - 1], w // 2] = 255
     Image.fromarray(img).save(tmp_path / "marker.png")
-    x = load_image(tmp_path / "marker.png", resolution)[0]
+    x = load_image(tmp_path / "marker.png", resolution, crop="center")[0]
     assert divmod(int(x.argmax()), resolution) == box and x.max() > 0.9
     assert x.min() >= -1 and x.max() <= 1  # bicubic overshoots at the marker's edges: clamped
     if resolution == min(w, h):  # no resize: the marker is the one bright pixel left
         assert (x > -1).sum() == 1
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_pad_keeps_the_whole_chest(tmp_path, fmt):
+    """The default: zero-pad the short side to square, then resize (RoentGen-v2); nothing is cut."""
+    tall = np.full((64, 32), 200, dtype=np.uint8)  # a 32 wide, 64 high frontal film, bright
+    tall[:4], tall[-4:] = 255, 255  # apices and costophrenic angles: the ends of the long side
+    Image.fromarray(tall).save(tmp_path / f"tall.{fmt}", quality=95)
+    x = load_image(tmp_path / f"tall.{fmt}", 32)[0]  # halved: the film is 16 wide, centred, black around it
+    assert torch.equal(load_image(tmp_path / f"tall.{fmt}", 32, crop="pad")[0], x)
+    assert (x[:, :8] == -1).all() and (x[:, 24:] == -1).all()  # the padding is zeros: black
+    assert (x[:2, 8:24] > 0.9).all() and (x[-2:, 8:24] > 0.9).all()  # both ends of the long side kept
+    assert (x[8:24, 9:23] - (200 / 255 * 2 - 1)).abs().max() < 0.05
+    cut = load_image(tmp_path / f"tall.{fmt}", 32, crop="center")[0]
+    assert (cut > 0.5).all() and (cut[:2] < 0.9).all()  # centre crop: the whole width, both ends lost
+    with pytest.raises(ValueError, match="crop='middle': use 'pad'"):
+        load_image(tmp_path / f"tall.{fmt}", 32, crop="middle")
+
+
+def test_jpeg_decoded_at_reduced_size_looks_the_same(tmp_path, monkeypatch):
+    """Draft mode decodes a 2544x3056 JPEG at 1/4 for R = 128 (and never below R): same picture."""
+    y, x = np.mgrid[0:3056, 0:2544]
+    film = (128 + 100 * np.sin(x / 300) * np.cos(y / 400)).astype(np.uint8)
+    Image.fromarray(film).save(tmp_path / "big.jpg", quality=95)
+    with Image.open(tmp_path / "big.jpg") as img:
+        img.draft("L", (128, 128))
+        assert img.size == (318, 382)  # 1/8: both sides still >= 128
+    resized = []
+    real = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, *a, **k: resized.append(self.size) or real(self, *a, **k))
+    fast = load_image(tmp_path / "big.jpg", 128)[0]
+    assert resized == [(318, 382)]  # load_image decoded it at 1/8
+    full = Image.fromarray(film).resize((107, 128), Image.Resampling.BICUBIC)  # no draft, pad by hand
+    slow = torch.full((128, 128), -1.0)
+    slow[:, 10:117] = torch.from_numpy(np.asarray(full, dtype=np.float32)) / 255 * 2 - 1
+    assert (fast - slow).abs().mean() < 0.01 and (fast - slow).abs().max() < 0.1
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -451,31 +667,41 @@ class WordTokenizer:
 
 
 def test_truncation_counted_with_stub(messy):
-    pairs = [Pair(messy[0].image, "one two three four five six seven"), Pair(messy[0].image, "one two three"),
-             Pair(messy[0].image, "a b c d e")]
+    long = "one two three four five six seven"
+    pairs = [Pair(messy[0].image, long), Pair(messy[0].image, "one two three"), Pair(messy[0].image, long),
+             Pair(messy[0].image, "a b c d e f")]
     dataset = ImageReportDataset(pairs, resolution=8, tokenizer=WordTokenizer())
-    assert [p.report for p in dataset.pairs] == ["one two three four five", "one two three", "a b c d e"]
-    assert dataset.num_truncated == 1 and dataset.summary().endswith("1 reports cut to 5 tokens")
+    assert [p.report for p in dataset.pairs] == [p.report for p in pairs]  # kept whole: the tokenizer cuts
+    assert (dataset.num_truncated, dataset.num_truncated_reports) == (3, 2)
+    assert dataset.summary().endswith("2 reports (3 pairs) longer than 5 tokens, cut there by the tokenizer")
 
 
-def test_truncation_with_clip_tokenizer(messy):
+def test_training_and_sample_cut_a_long_report_alike(messy):
+    """One rule: CLIP's tokenizer cuts at the 75th token, inside a word if need be (transformers'
+    truncation=True), and a training example of a long impression has exactly sample.py's ids."""
     tokenizer = pytest.importorskip("minroentgen.tokenizer").CLIPTokenizer.default()
+    training = pytest.importorskip("minroentgen.training")
     long = extract_impression(MIMIC_LONG)
     assert tokenizer.num_tokens(long) > 75
-    pairs = [Pair(messy[0].image, long), Pair(messy[0].image, extract_impression(MIMIC_FULL))]
-    dataset = ImageReportDataset(pairs, resolution=8, tokenizer=tokenizer)
-    cut = dataset.pairs[0].report
-    n = tokenizer.num_tokens(cut)
-    next_word = long[len(cut):].split()[0]
-    assert long.startswith(cut) and n <= 75 < tokenizer.num_tokens(f"{cut} {next_word}")
-    assert dataset.pairs[1].report == "No acute cardiopulmonary process." and dataset.num_truncated == 1
-    # what is kept is what the tokenizer keeps of the whole report, up to the last whole word
-    with pytest.warns(UserWarning, match="truncated"):
-        full_ids = tokenizer(long)
+    dataset = ImageReportDataset([Pair(messy[0].image, long)], resolution=8, tokenizer=tokenizer)
+    assert dataset.pairs[0].report == long and dataset.num_truncated == 1
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the cut text fits: the tokenizer has nothing left to truncate
-        cut_ids = tokenizer(cut)
-    assert torch.equal(cut_ids[0, : n + 1], full_ids[0, : n + 1])
+        warnings.simplefilter("error")  # training says it once, in the summary, not at every example
+        example = training.PositionDataset(dataset, tokenizer, 0, (4, 1, 1), 1000, 0.0)[0]
+    with pytest.warns(UserWarning, match="prompt truncated"):
+        sampled = tokenizer(long)  # what sample.py feeds the text encoder
+    assert torch.equal(example["input_ids"], sampled[0])
+    # the reference cut: the first 75 BPE tokens of the whole text, then <|endoftext|>, even mid-word
+    ids = tokenizer._tokenizer.encode(long, add_special_tokens=False).ids
+    assert sampled[0].tolist() == [tokenizer.bos_id, *ids[:75], tokenizer.eos_id]
+    # a report whose 75th token ends inside a word: whole-word cutting would differ from sample.py
+    vocab = {i: t for t, i in tokenizer._tokenizer.get_vocab().items()}
+    mid = "Pneumomediastinum. " * 40
+    mid_ids = tokenizer._tokenizer.encode(mid, add_special_tokens=False).ids
+    assert not vocab[mid_ids[74]].endswith("</w>")  # the 75th token is not a word's end
+    example = training.PositionDataset(ImageReportDataset([Pair(messy[0].image, mid)], 8, tokenizer), tokenizer, 0,
+                                       (4, 1, 1), 1000, 0.0)[0]
+    assert example["input_ids"].tolist() == [tokenizer.bos_id, *mid_ids[:75], tokenizer.eos_id]
 
 
 def test_reads_what_phantom_writes(tmp_path):
@@ -486,3 +712,67 @@ def test_reads_what_phantom_writes(tmp_path):
     dataset = ImageReportDataset(read_pairs(tmp_path / "phantoms" / "reports.csv"), resolution=32)
     assert len(dataset) == 3 and dataset.skipped == {}
     assert dataset[2]["pixel_values"].shape == (3, 32, 32) and dataset[2]["report"]
+
+
+def test_cached_latents_skip_decoding(messy, tmp_path):
+    """train.py --cache-latents marks cached images in shared memory; workers then decode nothing."""
+    dataset = ImageReportDataset(messy, resolution=8)
+    dataset.skip_pixels = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
+    dataset.skip_pixels[0] = True
+    messy[0].image.unlink()  # the file is gone: decoding it would fail
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        item = dataset[0]
+    assert item["report"] == "Normal chest." and torch.equal(item["pixel_values"], torch.zeros(3, 8, 8))
+
+
+def test_default_workers_share_the_cores(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_workers() == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert default_workers() == 1
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_cache_latents_decodes_each_image_once(tmp_path, monkeypatch):
+    phantom = pytest.importorskip("minroentgen.phantoms.phantom")
+    train = pytest.importorskip("train")
+    from minroentgen import data
+    phantom.write_dataset(tmp_path / "phantoms", n=8, size=64, seed=0)
+    decoded = []
+    real = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda path, *a, **k: decoded.append(path) or real(path, *a, **k))
+    args = ["--data", str(tmp_path / "phantoms" / "reports.csv"), "--init", "tiny", "--resolution", "32",
+            "--batch-size", "4", "--max-steps", "4", "--num-workers", "0", "--sample-every", "0", "--val-prompts",
+            "--save-every", "100", "--ema-decay", "0"]
+    train.main([*args, "--out", str(tmp_path / "cached"), "--cache-latents"])
+    assert len(decoded) == 8  # 2 epochs of 8 images, each decoded once
+    train.main([*args, "--out", str(tmp_path / "plain")])
+    assert len(decoded) == 8 + 16
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("cached", "plain")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # the same training, without the decoding
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_cli_errors_are_one_line_and_help_names_the_downloads(openi, tmp_path, capsys):
+    train = pytest.importorskip("train")
+    base = ["--init", "tiny", "--resolution", "32", "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as error:
+        train.main(["--data", str(openi), "--view-table", str(tmp_path), *base])
+    assert str(error.value) == f"train.py: error: {tmp_path} is a folder; a view table needs the columns 'imageid' " \
+                               "and 'View Position' (or 'tsne-view'), like torchxrayvision's nlmcxr_dicom_metadata.csv.gz"
+    root = tmp_path / "mimic-cxr-jpg"
+    write_mimic_jpg(root)
+    with pytest.raises(SystemExit) as error:  # no reports anywhere
+        train.main(["--data", str(root), *base])
+    assert "\n" not in str(error.value) and "3 missing report" in str(error.value)
+    assert "--reports" in str(error.value) and "mimic-cxr-reports.zip" in str(error.value)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    for words in ("MIMIC-CXR-JPG v2.0.0", "mimic-cxr-reports.zip of MIMIC-CXR v2.0.0", "--reports", "NLMCXR_png.tgz",
+                  "NLMCXR_reports.tgz", "nlmcxr_dicom_metadata.csv.gz", "nlmcxr_tsne_pa.csv.gz",
+                  "pad = zero-pad the short side", "(default, as RoentGen-v2)"):
+        assert words in usage, words

@@ -46,7 +46,7 @@ def run_sample(weights, scheduler, out, extra=()):
             "--guidance", str(KW["guidance"]), "--seed", str(KW["seed"]), "--n", str(KW["n"]),
             "--height", str(KW["size"]), "--width", str(KW["size"]), "--out", str(out), *extra]
     sample.main(args)
-    return [out / f"small-left-pleural-effusion-{KW['seed']}-{i}.png" for i in range(KW["n"])]
+    return [out / f"small-left-pleural-effusion_seed{KW['seed']}_img{i}.png" for i in range(KW["n"])]
 
 
 @pytest.mark.parametrize("scheduler", ["PNDMScheduler", "DDIMScheduler", "DDPMScheduler"])
@@ -161,7 +161,7 @@ def test_outputs_metadata_grid_and_no_overwrite(sources, tmp_path, capsys):
     assert info["prompt"] == PROMPT and info["seed"] == str(KW["seed"]) and info["scheduler"] == "ddim"
     assert {"negative_prompt", "steps", "guidance", "weights"} <= info.keys()
     assert Image.open(first[0]).mode == "L"
-    assert again == first and sorted(tmp_path.glob("*-2.png"))
+    assert again == first and sorted(tmp_path.glob("*_v2.png"))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -251,5 +251,5 @@ def test_embedded_default_samples_without_flags(tmp_path):
     if not sample.DEFAULT_WEIGHTS.exists():
         pytest.skip("no embedded default model in this checkout")
     sample.main(["small left pleural effusion", "--steps", "3", "--out", str(tmp_path)])
-    image = Image.open(tmp_path / "small-left-pleural-effusion-0-0.png")
+    image = Image.open(tmp_path / "small-left-pleural-effusion_seed0_img0.png")
     assert image.mode == "L" and image.size == (128, 128) and np.asarray(image).std() > 5
