@@ -1,4 +1,4 @@
-"""The two public layouts of Stable Diffusion v1 weights, and how their keys line up.
+"""The two public layouts of Stable Diffusion weights, and how their keys line up.
 
 The same three networks (LDM paper, Rombach et al. 2022, Fig. 3: UNet, VAE, CLIP text encoder)
 are published in two layouts:
@@ -11,9 +11,14 @@ are published in two layouts:
   encoder under `cond_stage_model.transformer.`, named after the LDM code
   (`input_blocks.4.0.in_layers.2`).
 
-`unet_table` and `vae_table` line the two namings up, block by block; `original_to_diffusers` and
-`diffusers_to_original` convert whole state dicts. Reading and writing files is weights.py's job.
+SD 2.x single files keep their text encoder in OpenCLIP's layout under `cond_stage_model.model.`
+instead (`OPENCLIP_BLOCK` below). `unet_table` and `vae_table` line the two namings up, block by
+block; `original_to_diffusers` and `diffusers_to_original` convert whole state dicts. Reading and
+writing files is weights.py's job.
 """
+import math
+
+
 import torch
 
 
@@ -160,6 +165,75 @@ def _convert(sd: dict, table: list[tuple[str, str]], source: str, what: str) -> 
     return out
 
 
+# SD 2.x: OpenCLIP ViT-H/14's text tower. Per block, q, k and v are one fused projection
+# (`attn.in_proj_weight` = cat(q, k, v) along dim 0). SD 2 conditions on the output of the
+# penultimate block, then ln_final (LDM v2's FrozenOpenCLIPEmbedder, layer="penultimate"), so the
+# file's last block is never run and diffusers' text_encoder/ holds one block fewer; so does
+# CLIP's image-text head (`text_projection`, `logit_scale`), which SD does not use either.
+OPENCLIP_PREFIX = "cond_stage_model.model."
+OPENCLIP_TOP = [("token_embedding.", "text_model.embeddings.token_embedding."),
+                ("ln_final.", "text_model.final_layer_norm.")]
+OPENCLIP_BLOCK = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."),
+                  ("attn.out_proj.", "self_attn.out_proj."), ("mlp.c_fc.", "mlp.fc1."),
+                  ("mlp.c_proj.", "mlp.fc2.")]
+OPENCLIP_HEAD = ("text_projection", "logit_scale")
+
+
+def openclip_to_clip(sd: dict, source: str) -> dict:
+    """OpenCLIP text tower (prefix removed) -> transformers CLIPTextModel keys, minus its last
+    block (see above)."""
+    n = count(sd, "transformer.resblocks.")
+    keep = [f"transformer.resblocks.{i}." for i in range(n - 1)]
+    table = dict(OPENCLIP_TOP + [(b + o, f"text_model.encoder.layers.{i}.{d}")
+                                 for i, b in enumerate(keep) for o, d in OPENCLIP_BLOCK])
+    out, unknown = {}, []
+    for key, tensor in sd.items():
+        block = key[:key.find(".", len("transformer.resblocks.")) + 1]
+        if key in OPENCLIP_HEAD or block == f"transformer.resblocks.{n - 1}.":
+            continue  # never run by SD 2
+        if key == "positional_embedding":  # a bare parameter, (77, D)
+            out["text_model.embeddings.position_embedding.weight"] = tensor
+        elif block in keep and key.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
+            layer = f"text_model.encoder.layers.{keep.index(block)}.self_attn."
+            kind = key.rsplit("_", 1)[1]  # "weight" or "bias"
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3)):
+                out[f"{layer}{name}.{kind}"] = part
+        elif (new := _rename(key, table)) is not None:
+            out[new] = tensor
+        else:
+            unknown.append(OPENCLIP_PREFIX + key)
+    if unknown:
+        raise WeightsError(f"{source}: {len(unknown)} unrecognised keys ({few(unknown)}); "
+                           f"this is not an SD 2.x OpenCLIP text encoder")
+    return out
+
+
+def clip_to_openclip(sd: dict) -> dict:
+    """The way back, for writing SD 2.x single files: the block SD 2 skips is written as a copy
+    of the last one, and the image-text head as identity and CLIP's initial logit scale."""
+    sd = text_model_prefixed(sd)
+    n = count(sd, "text_model.encoder.layers.")
+    back = {d: o for o, d in OPENCLIP_TOP}
+    back |= {f"text_model.encoder.layers.{i}.{d}": f"transformer.resblocks.{i}.{o}"
+             for i in range(n + 1) for o, d in OPENCLIP_BLOCK}
+    out = {"positional_embedding": sd["text_model.embeddings.position_embedding.weight"]}
+    for i in range(n):
+        layer = f"text_model.encoder.layers.{i}.self_attn."
+        for kind in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [sd[f"{layer}{name}.{kind}"] for name in ("q_proj", "k_proj", "v_proj")])
+    for key, tensor in sd.items():
+        if (new := _rename(key, back)) is not None:  # all but positions and q/k/v, done above
+            out[new] = tensor
+    last = f"transformer.resblocks.{n - 1}."
+    out |= {f"transformer.resblocks.{n}." + k[len(last):]: v.clone()  # the skipped block
+            for k, v in list(out.items()) if k.startswith(last)}
+    width = out["positional_embedding"].shape[1]
+    out["text_projection"] = torch.eye(width)
+    out["logit_scale"] = torch.tensor(math.log(1 / 0.07))
+    return out
+
+
 def text_model_prefixed(sd: dict) -> dict:
     """transformers >= 5.6 saves CLIPTextModel without the `text_model.` level; the published
     files have it."""
@@ -172,24 +246,23 @@ def original_to_diffusers(sd: dict[str, torch.Tensor], use_ema: bool = False,
                           source: str = "checkpoint") -> dict:
     """Original single-file state dict -> {"unet": sd, "vae": sd, "text_encoder": sd} in diffusers
     naming. use_ema=True takes the UNet from the `model_ema.*` copies of a training checkpoint."""
-    if any(k.startswith("cond_stage_model.model.") for k in sd):
-        raise WeightsError(f"{source}: SD 2.x single files (OpenCLIP text encoder) are not "
-                           f"supported yet; use a diffusers folder")
-    parts = {name: {} for name in PREFIXES}
+    openclip = any(k.startswith(OPENCLIP_PREFIX) for k in sd)  # SD 2.x
+    prefixes = PREFIXES | ({"text_encoder": OPENCLIP_PREFIX} if openclip else {})
+    parts = {name: {} for name in prefixes}
     unknown = []
     for key, tensor in sd.items():
-        name = next((n for n, p in PREFIXES.items() if key.startswith(p)), None)
+        name = next((n for n, p in prefixes.items() if key.startswith(p)), None)
         if name is not None:
-            parts[name][key[len(PREFIXES[name]):]] = tensor
+            parts[name][key[len(prefixes[name]):]] = tensor
         elif key not in SKIPPED and not key.startswith("model_ema."):
             unknown.append(key)
     if unknown:
         raise WeightsError(f"{source}: {len(unknown)} unrecognised keys ({few(unknown)}); "
-                           f"this is not an original Stable Diffusion v1 checkpoint")
+                           f"this is not an original Stable Diffusion checkpoint")
     for name, part in parts.items():
         if not part:
-            raise WeightsError(f"{source}: no {PREFIXES[name]}* keys ({name}), first keys: "
-                               f"{few(sd)}; expected a full Stable Diffusion v1 checkpoint")
+            raise WeightsError(f"{source}: no {prefixes[name]}* keys ({name}), first keys: "
+                               f"{few(sd)}; expected a full Stable Diffusion checkpoint")
     unet = parts["unet"]
     if use_ema:  # LitEma names each copy after the parameter with its dots removed
         ema = {k: sd.get("model_ema." + ("diffusion_model." + k).replace(".", "")) for k in unet}
@@ -205,13 +278,15 @@ def original_to_diffusers(sd: dict[str, torch.Tensor], use_ema: bool = False,
                    source, "vae")
     vae = {k: v.reshape(v.shape[:2]) if k.endswith(VAE_LINEARS) else v  # 1x1 conv -> Linear
            for k, v in vae.items()}
+    text = parts["text_encoder"]
+    text = openclip_to_clip(text, source) if openclip else text_model_prefixed(text)
     return {"unet": _convert(unet, unet_table(n, L, up_attention), source, "unet"), "vae": vae,
-            "text_encoder": text_model_prefixed(parts["text_encoder"])}
+            "text_encoder": text}
 
 
-def diffusers_to_original(components: dict) -> dict[str, torch.Tensor]:
+def diffusers_to_original(components: dict, openclip: bool = False) -> dict[str, torch.Tensor]:
     """{"unet", "vae", "text_encoder"} in diffusers naming -> one original single-file state
-    dict."""
+    dict; openclip=True writes the text encoder in SD 2.x's OpenCLIP layout."""
     unet, vae, text = (components["unet"], components["vae"],
                        text_model_prefixed(components["text_encoder"]))
     n = count(unet, "down_blocks.")
@@ -231,6 +306,8 @@ def diffusers_to_original(components: dict) -> dict[str, torch.Tensor]:
             # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
             conv1x1 = sd is vae and key.endswith(VAE_LINEARS)
             out[prefix + new] = tensor.reshape(*tensor.shape, 1, 1) if conv1x1 else tensor
+    if openclip:
+        return out | {OPENCLIP_PREFIX + k: v for k, v in clip_to_openclip(text).items()}
     out |= {"cond_stage_model.transformer." + k: v for k, v in text.items()}
     # the published files also carry the text encoder's position_ids buffer, arange(77)
     positions = text["text_model.embeddings.position_embedding.weight"].shape[0]

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .layouts import (WeightsError, count, diffusers_to_original, few, original_to_diffusers,
-                      text_model_prefixed)
+from .layouts import (OPENCLIP_PREFIX, WeightsError, count, diffusers_to_original, few,
+                      original_to_diffusers, text_model_prefixed)
 
 
 def _one_line(e: Exception) -> str:
@@ -297,8 +297,13 @@ def load_checkpoint(path, config_dir=None, use_ema: bool = False) -> Checkpoint:
     if path.is_dir():
         state_dicts, config_dir = _read_folder(path), config_dir or path
     else:
-        state_dicts = original_to_diffusers(read_state_dict(path), use_ema=use_ema,
-                                            source=str(path))
+        sd = read_state_dict(path)
+        if config_dir is None and any(k.startswith(OPENCLIP_PREFIX) for k in sd):
+            raise WeightsError(f"{path}: an SD 2.x single file; whether it predicts noise "
+                               "(2.x-base, 512 px) or v (768-v) is not in its weights: pass the "
+                               "diffusers folder of the same model as the config (sample.py/"
+                               "train.py --config DIR)")
+        state_dicts = original_to_diffusers(sd, use_ema=use_ema, source=str(path))
     given = _read_configs(Path(config_dir)) if config_dir is not None else {}
     configs = infer_configs(state_dicts, given, source=str(path))
     if "scheduler" in given:
@@ -395,13 +400,13 @@ def save_pretrained(folder, configs: dict, state_dicts: dict, tokenizer, schedul
     return folder
 
 
-def save_original(path, components: dict) -> Path:
+def save_original(path, components: dict, openclip: bool = False) -> Path:
     """Write {"unet", "vae", "text_encoder"} (diffusers naming) as one original-layout
-    .safetensors file."""
+    .safetensors file (openclip=True: SD 2.x's, its text encoder in OpenCLIP's layout)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: save_original writes .safetensors only; name the file "
                          "*.safetensors")
     with written_atomically(path) as tmp:
-        _save_tensors(diffusers_to_original(components), tmp)
+        _save_tensors(diffusers_to_original(components, openclip), tmp)
     return path

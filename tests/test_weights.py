@@ -116,8 +116,8 @@ def test_unrecognised_and_missing_parts_are_errors(sd15):
     _raises("unrecognised keys .*optimizer.state", W.original_to_diffusers, {**sd, "optimizer.state": torch.empty(1)})
     no_vae = {k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}
     _raises(r"x.ckpt: no first_stage_model\.\* keys", W.original_to_diffusers, no_vae, source="x.ckpt")
-    sd2 = {**sd, "cond_stage_model.model.ln_final.weight": torch.empty(1)}
-    _raises("SD 2.x single files .* not supported yet; use a diffusers folder", W.original_to_diffusers, sd2)
+    mixed = {**sd, "cond_stage_model.model.ln_final.weight": torch.empty(1)}  # both text layouts
+    _raises(r"unrecognised keys .*cond_stage_model\.transformer\.", W.original_to_diffusers, mixed)
 
 
 def test_config_that_contradicts_the_shapes_is_an_error(sd15):
@@ -388,3 +388,77 @@ def test_other_models_and_incomplete_folders_are_clear_errors(tiny, single_files
         _raises(rf"{folder.name}: no {rel}", W.load_checkpoint, single_files.st, config_dir=folder)
     (folder / "scheduler" / "scheduler_config.json").write_text("[1, 2]")
     _raises(r"scheduler_config.json: holds a list, not a JSON object", W.load_checkpoint, folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# SD 2.x single files: the text encoder in OpenCLIP's layout (fused q/k/v, 24 blocks, SD 2 uses 23)
+# --------------------------------------------------------------------------------------------------
+
+def test_original_to_diffusers_matches_the_sd21_manifests():
+    original = load_reference_json("sd21_original.json")
+    parts = W.original_to_diffusers(_meta(original, "tensors", "extras_expected"))
+    for m in MODELS:
+        expected = load_reference_json(f"sd21_diffusers_{m}.json")["tensors"]
+        assert _shapes(parts[m]) == {k: shape for k, (shape, _) in expected.items()}, m
+    # every real key is used but the block SD 2 never runs and CLIP's image-text head
+    unused = [k for k in original["tensors"] if ".resblocks.23." in k or k.endswith(
+        ("text_projection", "logit_scale"))]
+    assert len(unused) == 12 + 2
+    fused = sum(k.endswith("in_proj_weight") or k.endswith("in_proj_bias")
+                for k in original["tensors"] if ".resblocks.23." not in k)
+    assert sum(len(parts[m]) for m in MODELS) == len(original["tensors"]) - len(unused) + 2 * fused
+
+
+@pytest.fixture(scope="module")
+def sd2(tiny_configs, tmp_path_factory):
+    """A tiny SD 2.x v-prediction pipeline whose text encoder has SD 2.1's 23 layers, as a diffusers
+    folder, and as an original single file written by minroentgen (OpenCLIP layout, 24 blocks)."""
+    import diffusers
+    from oracle import diffusers_pipeline
+    cfg = {**tiny_configs["sd2"], "text_encoder": {**tiny_configs["sd2"]["text_encoder"],
+                                                   "num_hidden_layers": 23}}
+    pipe = diffusers_pipeline(cfg)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config,
+                                                        prediction_type="v_prediction")
+    root = tmp_path_factory.mktemp("sd2")
+    pipe.save_pretrained(root / "folder", safe_serialization=True)
+    expected = W.load_checkpoint(root / "folder").state_dicts
+    return SimpleNamespace(root=root, expected=expected,
+                           file=W.save_original(root / "sd2.safetensors", expected, openclip=True))
+
+
+def test_sd2_single_file_round_trip_and_diffusers_own_loader(sd2):
+    raw = W.read_state_dict(sd2.file)
+    assert "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" in raw
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in raw)
+    ck = W.load_checkpoint(sd2.file, config_dir=sd2.root / "folder")
+    for m in MODELS:
+        _assert_identical(ck.state_dicts[m], sd2.expected[m])
+    assert ck.configs["text_encoder"]["hidden_act"] == "gelu"
+    assert ck.configs["scheduler"]["prediction_type"] == "v_prediction"
+    from diffusers import StableDiffusionPipeline  # written against the real SD 2 files
+    pipe = StableDiffusionPipeline.from_single_file(str(sd2.file), config=str(sd2.root / "folder"),
+                                                    local_files_only=True, safety_checker=None)
+    got = {"unet": pipe.unet.state_dict(), "vae": pipe.vae.state_dict(),
+           "text_encoder": W.text_model_prefixed(pipe.text_encoder.state_dict())}
+    for m in MODELS:
+        _assert_identical(got[m], sd2.expected[m])
+
+
+def test_sd2_single_file_samples_as_its_folder(sd2, tmp_path):
+    import sample
+    args = ["small left pleural effusion", "--steps", "3", "--height", "32", "--width", "32",
+            "--scheduler", "ddim"]
+    sample.main([*args, "--weights", str(sd2.root / "folder"), "--out", str(tmp_path / "a")])
+    sample.main([*args, "--weights", str(sd2.file), "--config", str(sd2.root / "folder"),
+                 "--out", str(tmp_path / "b")])
+    from PIL import Image
+    a, b = (sorted((tmp_path / d).glob("*.png")) for d in "ab")
+    assert len(a) == len(b) == 1
+    pixels = [Image.open(f[0]).tobytes() for f in (a, b)]
+    assert pixels[0] == pixels[1] and len(set(pixels[0])) > 10  # the same, and not a flat image
+
+
+def test_sd2_single_file_without_its_config_says_why(sd2):
+    _raises(r"an SD 2.x single file; whether it predicts noise \(2.x-base, 512 px\) or v \(768-v\) "
+            r"is not in its weights: pass .* --config DIR", W.load_checkpoint, sd2.file)
