@@ -6,7 +6,7 @@ position embeddings, pre-LayerNorm blocks of *causal* (masked) multi-head self-a
 an MLP, and a final LayerNorm. CLIP itself keeps only the state at the end token, projected
 into the joint image-text space. Stable Diffusion (Rombach et al. 2022, Sec. 3.3) keeps
 instead every token's final state, `last_hidden_state` (B, 77, 768), as the context of the
-UNet's cross-attention: no pooling, no projection, no attention mask (padding sits after the
+UNet's cross-attention: no pooling, no projection, no padding mask (padding sits after the
 end token, and the causal mask keeps it from changing the tokens before it).
 
 SD v1 uses OpenAI's ViT-L/14 text tower (12 layers, width 768, quick-GELU) and keeps it frozen;

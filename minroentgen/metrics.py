@@ -29,16 +29,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 def fid(features_a, features_b) -> float:
     """The Frechet distance between Gaussians fitted to two (N, D) feature sets (unbiased
-    covariance). With the centred features A (n1, D), B (n2, D): S1 S2 = A^T (A B^T B) / c,
-    c = (n1 - 1)(n2 - 1), has the nonzero eigenvalues of (A B^T)(A B^T)^T / c, so
-    Tr((S1 S2)^(1/2)) = (sum of the singular values of A B^T) / sqrt(c): one (n1, n2) SVD, cheaper
-    than two (D, D) eigendecompositions for small sets."""
-    a, b = (torch.as_tensor(f, dtype=torch.float64) for f in (features_a, features_b))
-    (n1, n2), mu1, mu2 = (len(a), len(b)), a.mean(0), b.mean(0)
-    a, b = a - mu1, b - mu2
-    tr_covmean = torch.linalg.svdvals(a @ b.T).sum() / ((n1 - 1) * (n2 - 1)) ** 0.5
-    return float((mu1 - mu2).square().sum() + a.square().sum() / (n1 - 1)
-                 + b.square().sum() / (n2 - 1) - 2 * tr_covmean)
+    covariance). With the centred features Xa (n1, D), Xb (n2, D): S1 S2 = Xa^T (Xa Xb^T Xb) / c,
+    c = (n1 - 1)(n2 - 1), has the nonzero eigenvalues of (Xa Xb^T)(Xa Xb^T)^T / c, so
+    Tr((S1 S2)^(1/2)) = (sum of the singular values of Xa Xb^T) / sqrt(c): one (n1, n2) SVD,
+    cheaper than two (D, D) eigendecompositions for small sets."""
+    fa, fb = (torch.as_tensor(f, dtype=torch.float64) for f in (features_a, features_b))
+    (n1, n2), mu1, mu2 = (len(fa), len(fb)), fa.mean(0), fb.mean(0)
+    xa, xb = fa - mu1, fb - mu2  # centred
+    tr_covmean = torch.linalg.svdvals(xa @ xb.T).sum() / ((n1 - 1) * (n2 - 1)) ** 0.5
+    return float((mu1 - mu2).square().sum() + xa.square().sum() / (n1 - 1)
+                 + xb.square().sum() / (n2 - 1) - 2 * tr_covmean)
 
 
 # ----------------------------------------------------------------------------- MS-SSIM

@@ -7,7 +7,9 @@ jump (eq. 4):
 
 The network learns eps (DDPM eq. 14) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho
 2022, Sec. 4). SD's schedule ends at abar_T = 0.0047, not 0: `zero_terminal_snr` (Lin et al. 2024)
-makes the last step pure noise, as sampling starts, and then needs v-prediction.
+makes the last step pure noise, and then needs v-prediction; sampling starts from pure noise only
+if its first timestep is T - 1 too ("trailing" spacing, Lin et al. Sec. 3.3). x here is LDM's
+latent z; timesteps count from 0 (t = 0..T-1 is the paper's 1..T).
 """
 import torch
 
@@ -40,13 +42,13 @@ class NoiseSchedule:
         if c.rescale_betas_zero_snr:
             self.betas = zero_terminal_snr(self.betas)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # abar_t, (T,)
-        self._table = self.alphas_cumprod  # a copy on the device last used (speed: no host sync)
+        self._abar_on_device = self.alphas_cumprod  # (speed) a copy where last used: no host sync
 
     def abar(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """abar_t for t (B,), shaped (B, 1, ..., 1) to broadcast over x, in x's dtype and device."""
-        if self._table.device != x.device:  # copied once, so later calls do no host sync
-            self._table = self.alphas_cumprod.to(x.device)
-        return self._table.to(x.dtype)[t.to(x.device)].view(-1, *[1] * (x.ndim - 1))
+        if self._abar_on_device.device != x.device:  # copied once, so later calls do no host sync
+            self._abar_on_device = self.alphas_cumprod.to(x.device)
+        return self._abar_on_device.to(x.dtype)[t.to(x.device)].view(-1, *[1] * (x.ndim - 1))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """A sample of q(x_t | x0) (DDPM eq. 4): sqrt(abar_t) x0 + sqrt(1 - abar_t) eps;
@@ -66,12 +68,12 @@ class NoiseSchedule:
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio of x_t, abar_t / (1 - abar_t) (Kingma et al. 2021, VDM), (B,)."""
-        abar = self.abar(t, t.float())  # (B,) in fp32
+        abar = self.abar(t, t.float())  # (B,) in fp32: t.float() only lends dtype, device, ndim
         return abar / (1 - abar)
 
     def x0_and_eps(self, pred: torch.Tensor, x_t: torch.Tensor, abar_t: torch.Tensor):
-        """The network's x0 and eps estimates, eq. 4 solved for the unknown: from eps,
-        x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); from v,
+        """The network's x0 and eps estimates: from eps, x0 = (x_t - sqrt(1 - abar_t) eps) /
+        sqrt(abar_t) (DDIM eq. 9, "predicted x0"); from v (Salimans & Ho 2022, Sec. 4),
         x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v and eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t.
         abar_t is a 0-dim tensor (one timestep)."""
         if self.config.prediction_type == "epsilon":

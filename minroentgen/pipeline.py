@@ -10,7 +10,8 @@ This is Stable Diffusion inference (Rombach et al. 2022, Sec. 3.3) as RoentGen s
 Classifier-free guidance (Ho & Salimans 2022, eq. 6): the UNet runs on the prompt and on the
 negative prompt (empty by default) in one batch, and the two predictions (noise, or v) are extrapolated,
 pred = pred_neg + g * (pred_prompt - pred_neg); g = 1 + w of the paper's (1 + w) eps_c - w eps_u.
-Guidance rescale (Lin et al. 2024, Sec. 3.4, eqs. 15-17) then pulls the guided prediction's spread
+Guiding v is the same as guiding eps: at a fixed z_t, v is affine in eps and the weights g, 1 - g
+sum to 1. Guidance rescale (Lin et al. 2024, Sec. 3.4) then pulls the guided prediction's spread
 back towards the prompt branch's, which large g inflates on zero-terminal-SNR models.
 """
 import json
@@ -176,7 +177,9 @@ class StableDiffusion:
 
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = (n, self.unet.config.in_channels, height // f, width // f)
-        latents = torch.randn(shape, generator=generator).to(self.device, self.dtype)  # x_T ~ N(0, I)
+        # z at timesteps[0] ~ N(0, I): pure noise only where that is T - 1 on a zero-terminal-SNR
+        # schedule ("trailing" spacing, Lin et al. 2024, Sec. 3.3); SD's "leading" 75 starts at 963
+        latents = torch.randn(shape, generator=generator).to(self.device, self.dtype)
         for t in tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False):
             x = torch.cat([latents, latents]) if guided else latents  # (2n or n, 4, h, w)
             pred = self.unet(x, t.to(self.device), context)  # noise, or v for a v-prediction model
@@ -195,7 +198,7 @@ class StableDiffusion:
 
 
 def rescale_guidance(pred: torch.Tensor, pred_prompt: torch.Tensor, phi: float) -> torch.Tensor:
-    """Lin et al. 2024, eqs. 15-17: scale the guided prediction to the prompt branch's standard
+    """Lin et al. 2024, Sec. 3.4: scale the guided prediction to the prompt branch's standard
     deviation (per sample), then mix phi of that with 1 - phi of the unscaled one (as diffusers'
     `guidance_rescale`)."""
     dims = list(range(1, pred.ndim))

@@ -22,9 +22,11 @@ class Sampler:
     """The timesteps to visit and the bookkeeping shared by the three samplers."""
 
     def __init__(self, config: SchedulerConfig):
-        self.config = c = config.for_sampler(type(self).__name__)  # to_dict names this sampler
+        # keys the file left out take this sampler's diffusers defaults (e.g. DDIM clips x0)
+        self.config = c = config.for_sampler(type(self).__name__)
         self.schedule = NoiseSchedule(c)
         self.alphas_cumprod = self.schedule.alphas_cumprod  # abar_t, (T,)
+        # abar "after the last step": 1 (a clean image), or SD's choice abar_0
         self.final_alpha_cumprod = (torch.tensor(1.0) if c.set_alpha_to_one
                                     else self.alphas_cumprod[0])
         self.num_inference_steps = None
@@ -75,7 +77,10 @@ def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
 
 
 class DDPMScheduler(Sampler):
-    """Ancestral sampling from the posterior q(x_prev | x_t, x0) (Ho et al. 2020, eqs. 6-7)."""
+    """Ancestral sampling from the posterior q(x_prev | x_t, x0) (Ho et al. 2020, eqs. 6-7), x0
+    predicted from the network's output: the same as Algorithm 2's eq. 11 with sigma^2 = beta~
+    when x0 is not clipped. Steps go to the next listed timestep (DDIM and PNDM: t - T // n).
+    Timesteps count from 0 here (diffusers'), from 1 in the paper: "t > 0" is the paper's t > 1."""
 
     def __init__(self, config: SchedulerConfig):
         super().__init__(config)
@@ -126,14 +131,15 @@ class PNDMScheduler(Sampler):
     Diffusion Models on Manifolds"), as in SD's code (`skip_prk_steps`: no Runge-Kutta warm-up).
 
     Each step is the paper's "transfer" phi(x_t, e, t, prev) (eq. 9), a DDIM step, fed with an
-    Adams-Bashforth combination e of the last (up to four) predictions (eq. 12). The first step has
-    no history, so it is taken twice (a trapezoid/Heun step), which is why `timesteps` repeats its
-    second entry (t_0, t_1, t_1, t_2, ...):
+    Adams-Bashforth combination e of the last (up to four) predictions: the 4th order is the paper's
+    eq. 12; the lower orders while the history fills, and the first step taken twice (a trapezoid/
+    Heun step) instead of the paper's Runge-Kutta warm-up, are CompVis's `plms.py`, which SD ships.
+    That is why `timesteps` repeats its second entry (t_0, t_1, t_1, t_2, ...):
 
-        call 1 (t_0):  e_0 = net(x_{t_0});  x' = phi(x_{t_0}, e_0, t_0, t_1)        (a guess)
-        call 2 (t_1):  e' = net(x');        x_{t_1} = phi(x_{t_0}, (e_0 + e')/2, t_0, t_1)
-        call k (t_k):  e_k = net(x_{t_k});  e = AB(e_k, e_{k-1}, ...), order min(k, 4)
-                       x_{t_{k+1}} = phi(x_{t_k}, e, t_k, t_{k+1})
+        call 1   at t_0:  e_0 = net(x_{t_0});  x' = phi(x_{t_0}, e_0, t_0, t_1)          (a guess)
+        call 2   at t_1:  e' = net(x');        x_{t_1} = phi(x_{t_0}, (e_0 + e')/2, t_0, t_1)
+        call k+2 at t_k (k >= 1):  e_k = net(x_{t_k});  e = AB(e_k, e_{k-1}, ...) of order
+                          min(k + 1, 4);  x_{t_{k+1}} = phi(x_{t_k}, e, t_k, t_{k+1})
 
     State, reset by `set_timesteps`: `history` (the last predictions, newest last), `x_first`
     (x_{t_0}, kept from call 1 for the redo in call 2), `calls` (how many steps were taken).

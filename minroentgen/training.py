@@ -3,10 +3,12 @@
 Objective (LDM, Rombach et al. 2022, Eq. 3; DDPM, Ho et al. 2020, Eq. 14 "simple" loss). One step is
 DDPM's Algorithm 1 on the frozen VAE's latents; where each line happens:
 
-    x0, report ~ data;  t ~ U{0, T-1};  eps ~ N(0, I)    PositionDataset (draws by position, below)
+    x0, report ~ data;  t ~ U{0, T-1};  eps ~ N(0, I)    PositionDataset (draws by position, below;
+                                                         t counts from 0: the paper's t - 1)
     z0 = scaling_factor * (mean + std * eps_q)           encode_latents: the VAE's posterior sample
     z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps         Denoiser.forward: schedule.add_noise
-    pred = eps_theta(z_t, t, tau(report))                Denoiser.forward: unet(z_t, t, text_encoder(ids))
+    pred = eps_theta(z_t, t, tau(report))                Denoiser.forward: unet(z_t, t, context),
+                                                         tau = the text encoder
     loss = || eps - pred ||^2   (or v - pred)            Denoiser.forward
     gradient step on the UNet (and the text encoder)     train.py
 
@@ -47,9 +49,10 @@ from .weights import DIFFUSERS_VERSION, WeightsError, check_state_dict, read_sta
 class Denoiser(nn.Module):
     """UNet + text encoder -> the denoising loss; the module DDP wraps, so gradients of both sync.
 
-    snr_gamma weighs each example's loss by min(SNR_t, gamma) / SNR_t (v-prediction: / (SNR_t + 1)), Min-SNR
-    weighting (Hang et al. 2023, ICCV; diffusers' train_text_to_image --snr_gamma): the nearly clean
-    timesteps, whose noise is hardest to tell from image texture and dominates the plain loss, count less."""
+    snr_gamma weighs each example's loss by min(SNR_t, gamma) / SNR_t (v-prediction: / (SNR_t + 1)),
+    Min-SNR weighting (Hang et al. 2023, ICCV; diffusers' train_text_to_image --snr_gamma): the eps
+    loss is an x0 loss weighted by SNR_t, and capping that weight at gamma keeps the nearly clean
+    timesteps from dominating. The text encoder is LDM's tau_theta."""
 
     def __init__(self, unet_model, text_encoder, schedule, train_text_encoder: bool, snr_gamma: float | None = None):
         super().__init__()

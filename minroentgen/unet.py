@@ -214,24 +214,29 @@ class UNet2DConditionModel(nn.Module):
     backward pass while training (less memory, more time).
 
     The skip connections in SD v1.5 (64x64 latents, channels 320/640/1280/1280, 2 ResBlocks a
-    level). The down path pushes 12 activations; each up-path ResBlock pops the latest and
-    concatenates it:
+    level). The down path pushes 12 activations (channels @ side), in this order:
 
-        pushed by              channels @ side        up level  ResBlock inputs (h + popped skip)
-        conv_in                320 @ 64               0 (@8)    1280+1280, 1280+1280, 1280+1280
-        down 0: res, res, down 320, 320 @ 64; 320 @ 32  1 (@16)   1280+1280, 1280+1280, 1280+640
-        down 1: res, res, down 640, 640 @ 32; 640 @ 16  2 (@32)   1280+640,  640+640,   640+320
-        down 2: res, res, down 1280, 1280 @ 16; @ 8     3 (@64)   640+320,   320+320,   320+320
-        down 3: res, res       1280, 1280 @ 8
+        conv_in                      320 @ 64
+        down 0: ResBlock, ResBlock   320 @ 64, 320 @ 64;   Downsample  320 @ 32
+        down 1: ResBlock, ResBlock   640 @ 32, 640 @ 32;   Downsample  640 @ 16
+        down 2: ResBlock, ResBlock  1280 @ 16, 1280 @ 16;  Downsample 1280 @ 8
+        down 3: ResBlock, ResBlock  1280 @ 8, 1280 @ 8
 
-    so the up levels' ResBlocks take 2560/2560/2560, 2560/2560/1920, 1920/1280/960, 960/640/640
-    channels and give 1280, 1280, 640, 320; each level but the last then upsamples 2x.
+    Each up-path ResBlock pops the latest and concatenates it to h (h + skip channels):
+
+        up 0 (@ 8):   1280+1280, 1280+1280, 1280+1280  -> 1280, then Upsample
+        up 1 (@ 16):  1280+1280, 1280+1280, 1280+640   -> 1280, then Upsample
+        up 2 (@ 32):  1280+640,  640+640,   640+320    -> 640,  then Upsample
+        up 3 (@ 64):  640+320,   320+320,   320+320    -> 320
+
+    so the up levels' ResBlocks take 2560/2560/2560, 2560/2560/1920, 1920/1280/960, 960/640/640.
     """
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
         self.gradient_checkpointing = False
+        # heads per level: config.json's misnamed attention_head_dim (see configs.UNetConfig)
         ch, heads, n = c.block_out_channels, c.heads, len(c.block_out_channels)
         temb = 4 * ch[0]
 

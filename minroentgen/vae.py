@@ -2,7 +2,8 @@
 App. G).
 
 The encoder maps an image x in [-1, 1] of shape (B, 3, H, W) to a diagonal Gaussian over latents
-(B, 4, H/8, W/8); the decoder maps a latent back to an image. Diffusion runs on the latents,
+(B, 4, H/f, W/f), f = `config.downsample_factor` (8 for SD: one halving between each two of the
+4 levels); the decoder maps a latent back to an image. Diffusion runs on the latents,
 multiplied by `config.scaling_factor` (0.18215 for SD v1, LDM Sec. 4.3.2, App. D.1 and G) so they
 have roughly unit variance; encode/decode here do not apply that factor (diffusers does not either).
 
