@@ -2,42 +2,50 @@
 
 RoentGen (Chambon et al. 2022, Sec. "Data"; Bluethgen et al. 2024) fine-tunes Stable Diffusion on
 frontal (PA/AP) MIMIC-CXR radiographs at 512x512, each with the impression section of its report as
-the prompt, cut to CLIP's 77 tokens. This module turns three layouts into `Pair(image, report)` lists:
+the prompt, cut to CLIP's 77 tokens. This module turns three layouts into `Pair(image, report)`
+lists:
 
   csv        a .csv or .jsonl file (optionally .gz) with `image` (a path relative to the file) and
-             `report` columns; other columns are ignored. `python -m minroentgen.phantoms` writes this.
+             `report` columns; other columns are ignored. `python -m minroentgen.phantoms` writes
+             this.
   mimic-cxr  two PhysioNet downloads. MIMIC-CXR-JPG v2.0.0 (the images):
-             files/pXX/pNNNNNNNN/sNNNNNNNN/<dicom_id>.jpg, mimic-cxr-2.0.0-metadata.csv.gz (ViewPosition)
-             and mimic-cxr-2.0.0-split.csv.gz (the official split). It holds no reports: they are
-             mimic-cxr-reports.zip of MIMIC-CXR v2.0.0 (files/pXX/pNNNNNNNN/sNNNNNNNN.txt), read from the
-             zip itself or from the folder it was unpacked into (`reports=`, train.py --reports), or
-             found next to the study folders, or as mimic-cxr-reports.zip in the images' folder.
+             files/pXX/pNNNNNNNN/sNNNNNNNN/<dicom_id>.jpg, mimic-cxr-2.0.0-metadata.csv.gz
+             (ViewPosition) and mimic-cxr-2.0.0-split.csv.gz (the official split). It holds no
+             reports: they are mimic-cxr-reports.zip of MIMIC-CXR v2.0.0
+             (files/pXX/pNNNNNNNN/sNNNNNNNN.txt), read from the zip itself or from the folder it was
+             unpacked into (`reports=`, train.py --reports), or found next to the study folders, or
+             as mimic-cxr-reports.zip in the images' folder.
   openi      an IU X-ray / Open-I folder: ecgen-radiology/<n>.xml reports (NLMCXR_reports.tgz) and
-             their PNG images anywhere below it (NLMCXR_png.tgz, named after the XML's `parentImage id`).
+             their PNG images anywhere below it (NLMCXR_png.tgz, named after the XML's
+             `parentImage id`).
 
 and `ImageReportDataset` turns the pairs into training examples:
-  image -> grayscale -> square (zero-padded, or centre-cropped) -> bicubic resize to (R, R) -> [-1, 1]
-  -> 3 equal channels.
+  image -> grayscale -> square (zero-padded, or centre-cropped) -> bicubic resize to (R, R)
+  -> [-1, 1] -> 3 equal channels.
 
 Choices where the paper is silent:
   - Report text: the section MIMIC-CXR's own parser (MIT-LCP/mimic-cxr, txt/) takes: the last
-    impression, else findings, else the last paragraph, else the comparison (see `extract_impression`),
-    with every run of whitespace made one space. De-identification marks (MIMIC's `___`, Open-I's
-    `XXXX`) are kept: removing them leaves broken sentences, and CLIP reads them as ordinary symbols.
+    impression, else findings, else the last paragraph, else the comparison (see
+    `extract_impression`), with every run of whitespace made one space. De-identification marks
+    (MIMIC's `___`, Open-I's `XXXX`) are kept: removing them leaves broken sentences, and CLIP reads
+    them as ordinary symbols.
   - Reports are kept whole: the tokenizer cuts a report past 75 tokens (77 with start and end) at
     the 75th token, inside a word if it falls there, as transformers' CLIPTokenizer does with
     truncation=True (RoentGen-v2's training) and as sample.py does. So an impression given to
     sample.py is exactly what training saw. `ImageReportDataset` counts such reports.
-  - Square: zero-padding (RoentGen-v2) by default, so chest walls, apices and costophrenic angles are
-    all kept; crop="center" cuts the long side to the short one (a median 18% of Open-I frontal images).
-  - Colour images (RGB, RGBA, LA, palette) are converted to luminance, alpha dropped: X-rays are gray.
+  - Square: zero-padding (RoentGen-v2) by default, so chest walls, apices and costophrenic angles
+    are all kept; crop="center" cuts the long side to the short one (a median 18% of Open-I frontal
+    images).
+  - Colour images (RGB, RGBA, LA, palette) are converted to luminance, alpha dropped: X-rays are
+    gray.
   - 16-bit PNGs (Pillow mode I;16 or I) are divided by 2^b - 1, b the fewest bits (at least 8) that
     hold the image's largest value: 12-bit DICOM data in a 16-bit PNG by 4095, full 16-bit by 65535.
     Dividing 12-bit data by 65535 would leave it almost black.
-  - Speed (benchmarks/bench_data.py): JPEGs are decoded at reduced size (Pillow's draft mode: libjpeg's
-    DCT scaling by 1/2, 1/4 or 1/8, keeping both sides at least R; a 2544x3056 MIMIC image decodes at
-    636x764 for R = 512), and a large reduction starts with an integer box reduction (Pillow's
-    reducing_gap=2: bicubic for the last factor of 2 or more; a mean difference of 0.05 gray levels).
+  - Speed (benchmarks/bench_data.py): JPEGs are decoded at reduced size (Pillow's draft mode:
+    libjpeg's DCT scaling by 1/2, 1/4 or 1/8, keeping both sides at least R; a 2544x3056 MIMIC image
+    decodes at 636x764 for R = 512), and a large reduction starts with an integer box reduction
+    (Pillow's reducing_gap=2: bicubic for the last factor of 2 or more; a mean difference of 0.05
+    gray levels).
   - Bad pairs are counted and skipped; `ImageReportDataset.summary()` is the one line to print.
 """
 import csv
@@ -57,12 +65,14 @@ import torch
 from PIL import Image
 
 FRONTAL = {"PA", "AP"}
-LATERAL = {"LL", "RL", "LATERAL", "L"}  # DICOM View Position (and "LARGE LATERAL"), the t-SNE table's "L"
+# DICOM View Position (and "LARGE LATERAL"), the t-SNE table's "L"
+LATERAL = {"LL", "RL", "LATERAL", "L"}
 MIMIC_SPLITS = ("train", "validate", "test")
 CROPS = ("pad", "center")
 BICUBIC = Image.Resampling.BICUBIC
-REPORTS_HINT = ("MIMIC-CXR-JPG holds no reports: download mimic-cxr-reports.zip from MIMIC-CXR v2.0.0 "
-                "(physionet.org/content/mimic-cxr/2.0.0/) and pass it, or the folder it unpacks to, as --reports")
+REPORTS_HINT = ("MIMIC-CXR-JPG holds no reports: download mimic-cxr-reports.zip from MIMIC-CXR "
+                "v2.0.0 (physionet.org/content/mimic-cxr/2.0.0/) and pass it, or the folder it "
+                "unpacks to, as --reports")
 
 
 @dataclass(frozen=True)
@@ -83,20 +93,21 @@ def clean(text: str) -> str:
 HEADING = re.compile(r"\n ([A-Z ()/,-]+):\s")
 # Heading names that the dataset's parser renames (typos included) beyond the rules of section_kind.
 RENAMED = {"conclusion": "impression", "ndication": "impression", "reference exam": "comparison",
-           **dict.fromkeys(("impresson", "imprression", "imoression", "impressoin", "imprssion", "impresion",
-                            "imperssion", "mpression", "impession"), "impression"),
+           **dict.fromkeys(("impresson", "imprression", "imoression", "impressoin", "imprssion",
+                            "impresion", "imperssion", "mpression", "impession"), "impression"),
            **dict.fromkeys(("finding", "findins", "findindgs", "findgings", "findngs", "findnings",
                             "finidngs"), "findings"),
-           **dict.fromkeys(("comparision", "comparsion", "comparrison", "comparisions"), "comparison")}
+           **dict.fromkeys(("comparision", "comparsion", "comparrison", "comparisions"),
+                           "comparison")}
 # Headings that name the view ("CHEST, PA AND LATERAL:", "PORTABLE AP VIEW:") introduce findings.
-VIEW_HEADING = re.compile(r"chest|portable|pa and lat|lateral and pa|ap and lateral|lateral and ap|frontal and|"
-                          r"two views|frontal view|pa view|ap view|one view|lateral view|bone window|"
-                          r"frontal upright|frontal semi-upright|ribs")
+VIEW_HEADING = re.compile(r"chest|portable|pa and lat|lateral and pa|ap and lateral|lateral and ap|"
+                          r"frontal and|two views|frontal view|pa view|ap view|one view|"
+                          r"lateral view|bone window|frontal upright|frontal semi-upright|ribs")
 
 
 def section_kind(heading: str) -> str:
-    """Normalised section name: "FINDINGS AND IMPRESSION" -> "impression", "CONCLUSION" -> "impression",
-    "CHEST, TWO VIEWS" -> "findings", "CLINICAL HISTORY" -> "history"."""
+    """Normalised section name: "FINDINGS AND IMPRESSION" -> "impression", "CONCLUSION" ->
+    "impression", "CHEST, TWO VIEWS" -> "findings", "CLINICAL HISTORY" -> "history"."""
     name = heading.lower().strip()
     if name in RENAMED:
         return RENAMED[name]
@@ -107,8 +118,8 @@ def section_kind(heading: str) -> str:
 
 
 def report_sections(text: str) -> list[tuple[str, str]]:
-    """A MIMIC-CXR report -> [(normalised name, text)], starting with the "preamble" before the first
-    heading, or [("full report", text)] when there is no heading."""
+    """A MIMIC-CXR report -> [(normalised name, text)], starting with the "preamble" before the
+    first heading, or [("full report", text)] when there is no heading."""
     m = HEADING.search(text)
     if m is None:
         return [("full report", text)]
@@ -117,7 +128,8 @@ def report_sections(text: str) -> list[tuple[str, str]]:
         start = m.end()
         line_end = text.find("\n", start)  # look for the next heading after this line only
         following = HEADING.search(text, start if line_end == -1 else line_end)
-        sections.append((section_kind(m.group(1)), text[start: following.start() if following else len(text)]))
+        sections.append((section_kind(m.group(1)),
+                         text[start: following.start() if following else len(text)]))
         m = following
     return sections
 
@@ -125,9 +137,9 @@ def report_sections(text: str) -> list[tuple[str, str]]:
 def extract_impression(text: str) -> str:
     """The prompt RoentGen trains on, by the rules of MIMIC-CXR's own parser: empty impression and
     findings sections are dropped; if neither kind is left, the last section's paragraphs after its
-    first (paragraphs end at a "\\n \\n" line) are the "last paragraph"; then the last section of the
-    first kind present among impression, findings, last paragraph, comparison wins; else "". (The
-    parser's hand-written exceptions for a few hundred named studies are not applied.)"""
+    first (paragraphs end at a "\\n \\n" line) are the "last paragraph"; then the last section of
+    the first kind present among impression, findings, last paragraph, comparison wins; else "".
+    (The parser's hand-written exceptions for a few hundred named studies are not applied.)"""
     sections = [(name, body) for name, body in report_sections(text)
                 if name not in ("impression", "findings") or body.strip()]
     names = [name for name, _ in sections]
@@ -141,9 +153,9 @@ def extract_impression(text: str) -> str:
 
 
 class MimicReports:
-    """MIMIC-CXR's report texts by study id, from mimic-cxr-reports.zip (read in place, never unpacked:
-    the data folder is often a read-only mount) or from a folder holding files/pXX/pNNNNNNNN/sNNNNNNNN.txt
-    (or the pXX folders themselves)."""
+    """MIMIC-CXR's report texts by study id, from mimic-cxr-reports.zip (read in place, never
+    unpacked: the data folder is often a read-only mount) or from a folder holding
+    files/pXX/pNNNNNNNN/sNNNNNNNN.txt (or the pXX folders themselves)."""
     NAME = re.compile(r"(?:^|/)p\d\d/p\d+/s(\d+)\.txt$")
 
     def __init__(self, path: Path):
@@ -152,9 +164,11 @@ class MimicReports:
             try:
                 self.zip = zipfile.ZipFile(path)
             except (zipfile.BadZipFile, OSError) as e:
-                raise ValueError(f"--reports {path}: not a readable zip ({e}); download mimic-cxr-reports.zip "
-                                 "again (half-downloaded?) or give the folder it unpacks to") from None
-            self.members = {m.group(1): name for name in self.zip.namelist() if (m := self.NAME.search(name))}
+                raise ValueError(f"--reports {path}: not a readable zip ({e}); download "
+                                 "mimic-cxr-reports.zip again (half-downloaded?) or give the "
+                                 "folder it unpacks to") from None
+            self.members = {m.group(1): name for name in self.zip.namelist()
+                            if (m := self.NAME.search(name))}
         elif path.is_dir():
             self.base = path / "files" if (path / "files").is_dir() else path
         else:
@@ -165,7 +179,8 @@ class MimicReports:
         if self.zip is not None:
             name = self.members.get(study)
             try:
-                return None if name is None else self.zip.read(name).decode("utf-8", errors="replace")
+                return (None if name is None
+                        else self.zip.read(name).decode("utf-8", errors="replace"))
             except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
                 raise ValueError(f"--reports {self.path}: {name} is damaged ({e}); download "
                                  "mimic-cxr-reports.zip again") from None
@@ -182,17 +197,19 @@ def _open_text(path: Path):
 
 
 def _read_csv(path: Path, columns=(), what="") -> list[dict]:
-    """Rows of a .csv(.gz); a missing, damaged or half-downloaded file or a missing column is a one-line
-    ValueError naming the file (what: how to get it right)."""
+    """Rows of a .csv(.gz); a missing, damaged or half-downloaded file or a missing column is a
+    one-line ValueError naming the file (what: how to get it right)."""
     if not path.is_file():
-        raise ValueError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}; {what or 'give a CSV file'}")
+        raise ValueError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}; "
+                         f"{what or 'give a CSV file'}")
     try:
         with _open_text(path) as f:
             reader = csv.DictReader(f)
             rows = list(reader)
     except (OSError, EOFError, zlib.error, csv.Error, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())}): damaged or "
-                         f"half-downloaded? download it again") from None
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())}): damaged or half-downloaded? "
+                         f"download it again") from None
     for need in columns:  # a name, or a list of names one of which will do
         options = [need] if isinstance(need, str) else need
         if not set(options) & set(reader.fieldnames or ()):
@@ -205,17 +222,20 @@ def _mimic_table(root: Path, name: str, columns) -> list[dict]:
     for path in (root / name, root / f"{name}.gz"):
         if path.is_file():
             return _read_csv(path, columns, f"use {name}.gz as MIMIC-CXR-JPG v2.0.0 ships it")
-    raise ValueError(f"{root} lacks {name}.gz (or {name}): copy it from MIMIC-CXR-JPG v2.0.0 into that folder")
+    raise ValueError(f"{root} lacks {name}.gz (or {name}): copy it from MIMIC-CXR-JPG v2.0.0 "
+                     "into that folder")
 
 
 def read_mimic(root: Path, split: str, reports=None) -> list[Pair]:
-    """Frontal (ViewPosition PA or AP) images of one official split, each with its study's impression
-    (report None: the study has no report file). reports: mimic-cxr-reports.zip or its unpacked folder
-    (default: reports next to the study folders, or ROOT/mimic-cxr-reports.zip)."""
+    """Frontal (ViewPosition PA or AP) images of one official split, each with its study's
+    impression (report None: the study has no report file). reports: mimic-cxr-reports.zip or its
+    unpacked folder (default: reports next to the study folders, or ROOT/mimic-cxr-reports.zip)."""
     if split not in MIMIC_SPLITS:
-        raise ValueError(f"split={split!r}: MIMIC-CXR's official splits are {', '.join(MIMIC_SPLITS)}")
+        raise ValueError(f"split={split!r}: MIMIC-CXR's official splits are "
+                         f"{', '.join(MIMIC_SPLITS)}")
     if reports is None:
-        reports = root / "mimic-cxr-reports.zip" if (root / "mimic-cxr-reports.zip").is_file() else root
+        reports = (root / "mimic-cxr-reports.zip" if (root / "mimic-cxr-reports.zip").is_file()
+                   else root)
     texts = MimicReports(Path(reports))
     split_of = {row["dicom_id"]: row["split"]
                 for row in _mimic_table(root, "mimic-cxr-2.0.0-split.csv", ["dicom_id", "split"])}
@@ -234,17 +254,18 @@ def read_mimic(root: Path, split: str, reports=None) -> list[Pair]:
 
 
 def openi_report(xml_path) -> tuple[str, list[str]]:
-    """An Open-I report XML -> (IMPRESSION, or FINDINGS when that is missing or empty; the ids of its
-    images, i.e. the PNG names without .png)."""
+    """An Open-I report XML -> (IMPRESSION, or FINDINGS when that is missing or empty; the ids of
+    its images, i.e. the PNG names without .png)."""
     root = ET.parse(xml_path).getroot()
-    sections = {el.get("Label", "").upper(): clean(el.text or "") for el in root.iter("AbstractText")}
+    sections = {el.get("Label", "").upper(): clean(el.text or "")
+                for el in root.iter("AbstractText")}
     text = sections.get("IMPRESSION") or sections.get("FINDINGS") or ""
     return text, [el.get("id") for el in root.iter("parentImage")]
 
 
 def openi_key(image_id: str) -> str:
-    """An Open-I image id as the DICOM table names it: the XML's "CXR1_1_IM-0001-3001" is the table's
-    "CXR1_IM-0001-3001" (the "_<k>" after the report number is dropped)."""
+    """An Open-I image id as the DICOM table names it: the XML's "CXR1_1_IM-0001-3001" is the
+    table's "CXR1_IM-0001-3001" (the "_<k>" after the report number is dropped)."""
     return re.sub(r"^(CXR\d+)_\d+_", r"\1_", image_id)
 
 
@@ -252,14 +273,15 @@ VIEW_COLUMNS = ("View Position", "tsne-view")
 
 
 def read_views(tables) -> dict[str, str]:
-    """Image key (`openi_key`) -> view, from CSVs with `imageid` and `View Position` (torchxrayvision's
-    nlmcxr_dicom_metadata.csv.gz, the DICOM headers) or `tsne-view` (its nlmcxr_tsne_pa.csv.gz, views
-    from image clustering). The first table with a non-blank view for an image decides; blank: ""."""
+    """Image key (`openi_key`) -> view, from CSVs with `imageid` and `View Position`
+    (torchxrayvision's nlmcxr_dicom_metadata.csv.gz, the DICOM headers) or `tsne-view` (its
+    nlmcxr_tsne_pa.csv.gz, views from image clustering). The first table with a non-blank view for
+    an image decides; blank: ""."""
     views = {}
     for table in tables:
         rows = _read_csv(Path(table), ["imageid", list(VIEW_COLUMNS)],
-                         "a view table needs the columns 'imageid' and 'View Position' (or 'tsne-view'), like "
-                         "torchxrayvision's nlmcxr_dicom_metadata.csv.gz")
+                         "a view table needs the columns 'imageid' and 'View Position' "
+                         "(or 'tsne-view'), like torchxrayvision's nlmcxr_dicom_metadata.csv.gz")
         column = next(c for c in VIEW_COLUMNS if c in rows[0]) if rows else None
         for row in rows:
             key, view = openi_key(row["imageid"].strip()), (row[column] or "").strip().upper()
@@ -270,19 +292,24 @@ def read_views(tables) -> dict[str, str]:
 
 def read_openi(root: Path, view_table=None) -> list[Pair]:
     """Every (image, report) link of ecgen-radiology/*.xml. With view tables (a path or a list; see
-    `read_views`) only images they call PA or AP; a warning says how many were dropped and why. A blank
-    View Position (2,586 of torchxrayvision's table: the DICOM header does not say) means an unknown
-    view, so the image is dropped, unless a later table (nlmcxr_tsne_pa.csv.gz) names its view."""
+    `read_views`) only images they call PA or AP; a warning says how many were dropped and why. A
+    blank View Position (2,586 of torchxrayvision's table: the DICOM header does not say) means an
+    unknown view, so the image is dropped, unless a later table (nlmcxr_tsne_pa.csv.gz) names its
+    view."""
     if not (root / "ecgen-radiology").is_dir():
-        raise ValueError(f"{root} lacks ecgen-radiology/: unpack NLMCXR_reports.tgz (and the PNGs) into that folder")
-    tables = [] if view_table is None else [view_table] if isinstance(view_table, (str, Path)) else list(view_table)
+        raise ValueError(f"{root} lacks ecgen-radiology/: unpack NLMCXR_reports.tgz (and the PNGs) "
+                         "into that folder")
+    tables = ([] if view_table is None else [view_table] if isinstance(view_table, (str, Path))
+              else list(view_table))
     if not tables:
-        warnings.warn("Open-I: no view table given, so every image is used, lateral views included (the report "
-                      "XML has no per-image view); pass --view-table nlmcxr_dicom_metadata.csv.gz (from the "
-                      "torchxrayvision package; view_table= in Python) to keep frontal images only", stacklevel=3)
+        warnings.warn("Open-I: no view table given, so every image is used, lateral views included "
+                      "(the report XML has no per-image view); pass --view-table "
+                      "nlmcxr_dicom_metadata.csv.gz (from the torchxrayvision package; view_table= "
+                      "in Python) to keep frontal images only", stacklevel=3)
     views = read_views(tables) if tables else None
     pngs = {png.stem: png for png in root.rglob("*.png")}
-    pairs, dropped = [], {"lateral": 0, "blank View Position": 0, "other view": 0, "not in the view table": 0}
+    pairs, dropped = [], {"lateral": 0, "blank View Position": 0, "other view": 0,
+                          "not in the view table": 0}
     for xml_path in sorted((root / "ecgen-radiology").glob("*.xml")):
         text, image_ids = openi_report(xml_path)
         for i in image_ids:
@@ -290,16 +317,18 @@ def read_openi(root: Path, view_table=None) -> list[Pair]:
             if views is None or view in FRONTAL:
                 pairs.append(Pair(pngs.get(i, root / f"{i}.png"), text))
             else:
-                dropped["not in the view table" if view is None else "blank View Position" if not view else
+                dropped["not in the view table" if view is None else
+                        "blank View Position" if not view else
                         "lateral" if view in LATERAL or "LATERAL" in view else "other view"] += 1
     if views is not None:
         if len(tables) == 1:
-            hint = " (view unknown: add nlmcxr_tsne_pa.csv.gz after it to --view-table to take the views image " \
-                   "clustering gives them)"
+            hint = " (view unknown: add nlmcxr_tsne_pa.csv.gz after it to --view-table to take " \
+                   "the views image clustering gives them)"
             dropped = {(k + hint if k.startswith("blank") else k): n for k, n in dropped.items()}
         why = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
-        warnings.warn(f"Open-I view table: kept {len(pairs)} frontal (PA/AP) of {len(pairs) + sum(dropped.values())} "
-                      f"images; dropped {why or 'none'}", stacklevel=3)
+        warnings.warn(f"Open-I view table: kept {len(pairs)} frontal (PA/AP) of "
+                      f"{len(pairs) + sum(dropped.values())} images; dropped {why or 'none'}",
+                      stacklevel=3)
     return pairs
 
 
@@ -311,25 +340,28 @@ def _json_lines(path: Path, lines) -> list:
         try:
             rows.append(json.loads(line))
         except ValueError as e:
-            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg}); each line must be one object, "
-                             '{"image": "a.png", "report": "..."}') from None
+            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg}); each line must be one "
+                             'object, {"image": "a.png", "report": "..."}') from None
     return rows
 
 
 def read_table(path: Path) -> list[Pair]:
-    """A .csv or .jsonl (optionally .gz) with `image` (relative to the file) and `report` columns."""
+    """A .csv or .jsonl (optionally .gz) with `image` (relative to the file) and `report`
+    columns."""
     try:
         with _open_text(path) as f:
             rows = _json_lines(path, f) if ".jsonl" in path.suffixes else list(csv.DictReader(f))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                         "save it as UTF-8") from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}): damaged or cut short?") from None
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}): "
+                         "damaged or cut short?") from None
     pairs = []
     for n, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not {"image", "report"} <= row.keys():
-            raise ValueError(f"{path}: row {n} lacks an 'image' or 'report' column; the file needs both "
-                             "(image: a path relative to the file, report: the text)")
+            raise ValueError(f"{path}: row {n} lacks an 'image' or 'report' column; the file needs "
+                             "both (image: a path relative to the file, report: the text)")
         pairs.append(Pair(path.parent / str(row["image"] or ""), clean(str(row["report"] or ""))))
     return pairs
 
@@ -338,28 +370,34 @@ def infer_dataset(path: Path) -> str:
     """"csv", "mimic-cxr" or "openi" from what the path holds."""
     if path.is_file() and path.name.endswith((".csv", ".jsonl", ".csv.gz", ".jsonl.gz")):
         return "csv"
-    if (path / "files").is_dir() and any((path / f"mimic-cxr-2.0.0-metadata.csv{gz}").is_file() for gz in ("", ".gz")):
+    if (path / "files").is_dir() and any((path / f"mimic-cxr-2.0.0-metadata.csv{gz}").is_file()
+                                         for gz in ("", ".gz")):
         return "mimic-cxr"
     if (path / "ecgen-radiology").is_dir():
         return "openi"
     what = "does not exist" if not path.exists() else "is none of the known layouts"
-    raise ValueError(f"{path} {what}: expected a .csv/.jsonl file with image and report columns, a MIMIC-CXR-JPG "
-                     "folder (files/ and mimic-cxr-2.0.0-metadata.csv[.gz]) or an Open-I folder (ecgen-radiology/)")
+    raise ValueError(f"{path} {what}: expected a .csv/.jsonl file with image and report columns, a "
+                     "MIMIC-CXR-JPG folder (files/ and mimic-cxr-2.0.0-metadata.csv[.gz]) or an "
+                     "Open-I folder (ecgen-radiology/)")
 
 
 def read_pairs(path, dataset=None, split="train", view_table=None, reports=None) -> list[Pair]:
     """All image-report pairs of a dataset, unchecked (`ImageReportDataset` checks them).
-    dataset: "csv", "mimic-cxr", "openi" or None to infer it from the path. split: MIMIC-CXR's official
-    split (train, validate, test); a csv file is one split already and Open-I has none, so they ignore it.
-    view_table: Open-I only, see `read_openi`. reports: MIMIC-CXR only, see `read_mimic`."""
+    dataset: "csv", "mimic-cxr", "openi" or None to infer it from the path. split: MIMIC-CXR's
+    official split (train, validate, test); a csv file is one split already and Open-I has none, so
+    they ignore it. view_table: Open-I only, see `read_openi`. reports: MIMIC-CXR only, see
+    `read_mimic`."""
     path = Path(path).absolute()  # image paths then do not depend on the working folder
     dataset = dataset or infer_dataset(path)
     if dataset not in ("csv", "mimic-cxr", "openi"):
-        raise ValueError(f"dataset={dataset!r}: use 'csv', 'mimic-cxr', 'openi' or None (inferred from the path)")
+        raise ValueError(f"dataset={dataset!r}: use 'csv', 'mimic-cxr', 'openi' or None "
+                         "(inferred from the path)")
     if view_table is not None and dataset != "openi":
-        raise ValueError(f"--view-table is for Open-I only; the {dataset} data says its views itself")
+        raise ValueError(f"--view-table is for Open-I only; "
+                         f"the {dataset} data says its views itself")
     if reports is not None and dataset != "mimic-cxr":
-        raise ValueError(f"--reports is for MIMIC-CXR only; the {dataset} data holds its reports itself")
+        raise ValueError(f"--reports is for MIMIC-CXR only; "
+                         f"the {dataset} data holds its reports itself")
     if dataset == "csv":
         return read_table(path)
     if dataset == "mimic-cxr":
@@ -372,13 +410,16 @@ def read_pairs(path, dataset=None, split="train", view_table=None, reports=None)
 def load_image(path, resolution: int, crop: str = "pad") -> torch.Tensor:
     """An image file -> (3, R, R) float32 in [-1, 1]: grayscale (16-bit: divided by its bit depth's
     maximum, see the module docstring; 8-bit by 255), made square by zero-padding the short side
-    (crop="pad") or cutting the long one (crop="center"), bicubic resize (antialiased when shrinking),
-    the gray channel copied 3 times. JPEGs are decoded at a reduced size that stays >= R."""
+    (crop="pad") or cutting the long one (crop="center"), bicubic resize (antialiased when
+    shrinking), the gray channel copied 3 times. JPEGs are decoded at a reduced size that stays
+    >= R."""
     if crop not in CROPS:
         raise ValueError(f"crop={crop!r}: use 'pad' (zero-pad to square, RoentGen-v2) or 'center'")
     with Image.open(path) as img:
-        img.draft("L", (resolution, resolution))  # JPEG only (a no-op otherwise): DCT-domain downscaling
-        if img.mode.startswith("I"):  # 16-bit PNG: I;16 (or I in older Pillow); never through "L", which clips
+        # JPEG only (a no-op otherwise): DCT-domain downscaling
+        img.draft("L", (resolution, resolution))
+        # 16-bit PNG: I;16 (or I in older Pillow); never through "L", which clips
+        if img.mode.startswith("I"):
             a = np.asarray(img)
             top = 2 ** max(8, int(a.max()).bit_length()) - 1  # 12-bit data: 4095
             gray, scale = Image.fromarray(a.astype(np.float32) / top), 1.0
@@ -388,16 +429,19 @@ def load_image(path, resolution: int, crop: str = "pad") -> torch.Tensor:
     if crop == "center":
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
-        square = gray.resize((resolution, resolution), BICUBIC, box=(left, top, left + side, top + side),
+        square = gray.resize((resolution, resolution), BICUBIC,
+                             box=(left, top, left + side, top + side),
                              reducing_gap=2.0)  # crop, then resize
-    else:  # resize the long side to R, then pad: the same as padding first, without the padded pixels' cost
+    else:  # resize the long side to R, then pad: the same as padding first, without the padded
+           # pixels' cost
         side = max(w, h)
         size = (max(1, round(w * resolution / side)), max(1, round(h * resolution / side)))
         square = Image.new(gray.mode, (resolution, resolution), 0)
         square.paste(gray.resize(size, BICUBIC, reducing_gap=2.0), ((resolution - size[0]) // 2,
                                                                     (resolution - size[1]) // 2))
     x = torch.from_numpy(np.array(square, dtype=np.float32)) * (2 * scale) - 1  # (R, R)
-    return x.clamp(-1, 1).expand(3, -1, -1).contiguous()  # (3, R, R); bicubic can overshoot, hence the clamp
+    return x.clamp(-1, 1).expand(3, -1, -1).contiguous()  # (3, R, R); bicubic can overshoot,
+                                                          # hence the clamp
 
 
 def pair_problem(pair: Pair, needs_report: bool = True) -> str | None:
@@ -418,9 +462,11 @@ def pair_problem(pair: Pair, needs_report: bool = True) -> str | None:
 
 
 def default_workers() -> int:
-    """DataLoader workers for one training process: the CPU cores it may use, shared among the training
-    processes of this machine (torchrun's LOCAL_WORLD_SIZE), minus one for the process itself."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """DataLoader workers for one training process: the CPU cores it may use, shared among the
+    training processes of this machine (torchrun's LOCAL_WORLD_SIZE), minus one for the process
+    itself."""
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
 
 
@@ -428,38 +474,42 @@ class ImageReportDataset(torch.utils.data.Dataset):
     """Checked pairs -> {"pixel_values": (3, R, R) in [-1, 1], "report": str}.
 
     Every pair is checked up front (`pair_problem`): bad ones are skipped and counted in `skipped`
-    (reason -> image paths), or with strict=True the first one stops the run. With a tokenizer (anything
-    with `num_tokens(text)` and `max_length`, e.g. `CLIPTokenizer.default()`), reports longer than
-    max_length - 2 tokens are counted (`num_truncated` pairs, `num_truncated_reports` distinct texts) and
-    kept whole: the tokenizer cuts them. `summary()` is the one line a training script prints. An image
-    whose header reads but whose pixels do not (a truncated file) is found only when loaded: it is named
-    in a warning and the next pair stands in (strict=True: an error). needs_report=False keeps images
-    without a report (the VAE reads none). `skip_pixels`, when set to a bool tensor over the pairs
-    (shared memory, so DataLoader workers see it), marks images not to decode: their latents are cached;
-    their pixel_values are zeros."""
+    (reason -> image paths), or with strict=True the first one stops the run. With a tokenizer
+    (anything with `num_tokens(text)` and `max_length`, e.g. `CLIPTokenizer.default()`), reports
+    longer than max_length - 2 tokens are counted (`num_truncated` pairs, `num_truncated_reports`
+    distinct texts) and kept whole: the tokenizer cuts them. `summary()` is the one line a training
+    script prints. An image whose header reads but whose pixels do not (a truncated file) is found
+    only when loaded: it is named in a warning and the next pair stands in (strict=True: an error).
+    needs_report=False keeps images without a report (the VAE reads none). `skip_pixels`, when set
+    to a bool tensor over the pairs (shared memory, so DataLoader workers see it), marks images not
+    to decode: their latents are cached; their pixel_values are zeros."""
 
-    def __init__(self, pairs, resolution: int, tokenizer=None, strict: bool = False, needs_report: bool = True,
-                 crop: str = "pad"):
+    def __init__(self, pairs, resolution: int, tokenizer=None, strict: bool = False,
+                 needs_report: bool = True, crop: str = "pad"):
         if resolution <= 0 or resolution % 8:
-            raise ValueError(f"resolution={resolution}: use a positive multiple of 8 (SD's VAE downsamples by 8), e.g. 512")
+            raise ValueError(f"resolution={resolution}: use a positive multiple of 8 "
+                             "(SD's VAE downsamples by 8), e.g. 512")
         if crop not in CROPS:
-            raise ValueError(f"crop={crop!r}: use 'pad' (zero-pad to square, RoentGen-v2) or 'center'")
+            raise ValueError(f"crop={crop!r}: use 'pad' (zero-pad to square, RoentGen-v2) "
+                             "or 'center'")
         pairs = list(pairs)
-        self.resolution, self.strict, self.crop, self.num_read = resolution, strict, crop, len(pairs)
+        self.resolution, self.strict, self.crop, self.num_read = (
+            resolution, strict, crop, len(pairs))
         self.skip_pixels = None
         self.skipped: dict[str, list[Path]] = {}
         self.pairs = []
         for n, pair in enumerate(pairs, start=1):
             problem = pair_problem(pair, needs_report)
             if problem and strict:
-                raise ValueError(f"pair {n} of {len(pairs)}: {problem} {pair.image} (strict: fix or remove it, "
-                                 "or run without --strict to skip bad pairs)")
+                raise ValueError(f"pair {n} of {len(pairs)}: {problem} {pair.image} (strict: fix "
+                                 "or remove it, or run without --strict to skip bad pairs)")
             if problem:
                 self.skipped.setdefault(problem, []).append(pair.image)
             else:
                 self.pairs.append(pair)
         if not self.pairs:
-            raise ValueError(f"no usable image-report pair among the {len(pairs)} read: {self._skipped_text()}")
+            raise ValueError(f"no usable image-report pair among the {len(pairs)} read: "
+                             f"{self._skipped_text()}")
         self.num_truncated = self.num_truncated_reports = self.max_tokens = None
         if tokenizer is not None:
             self.max_tokens = tokenizer.max_length - 2
@@ -471,17 +521,21 @@ class ImageReportDataset(torch.utils.data.Dataset):
     def _skipped_text(self) -> str:
         if not self.skipped:
             return "none skipped"
-        parts = [f"{len(paths)} {reason} ({', '.join(str(p) for p in paths[:3])}{', ...' if len(paths) > 3 else ''})"
+        parts = [f"{len(paths)} {reason} ({', '.join(str(p) for p in paths[:3])}"
+                 f"{', ...' if len(paths) > 3 else ''})"
                  for reason, paths in self.skipped.items()]
         hint = f" ({REPORTS_HINT})" if "missing report" in self.skipped else ""
         return f"skipped {sum(map(len, self.skipped.values()))}: " + "; ".join(parts) + hint
 
     def summary(self) -> str:
-        """One line: pairs kept, pairs skipped by reason with the first few named, reports truncated."""
-        truncated = ("reports not checked for length (no tokenizer)" if self.num_truncated is None else
-                     f"{self.num_truncated_reports} reports ({self.num_truncated} pairs) longer than "
-                     f"{self.max_tokens} tokens, cut there by the tokenizer")
-        return f"{len(self.pairs)} of {self.num_read} image-report pairs used; {self._skipped_text()}; {truncated}"
+        """One line: pairs kept, pairs skipped by reason with the first few named, reports
+        truncated."""
+        truncated = ("reports not checked for length (no tokenizer)"
+                     if self.num_truncated is None else
+                     f"{self.num_truncated_reports} reports ({self.num_truncated} pairs) longer "
+                     f"than {self.max_tokens} tokens, cut there by the tokenizer")
+        return (f"{len(self.pairs)} of {self.num_read} image-report pairs used; "
+                f"{self._skipped_text()}; {truncated}")
 
     def __len__(self):
         return len(self.pairs)
@@ -490,13 +544,15 @@ class ImageReportDataset(torch.utils.data.Dataset):
         if self.skip_pixels is not None and self.skip_pixels[i]:
             zeros = torch.zeros(3, self.resolution, self.resolution)
             return {"pixel_values": zeros, "report": self.pairs[i].report or ""}
-        for j in range(i, i + len(self.pairs)):  # a pair that fails to decode gives way to the next one
+        # a pair that fails to decode gives way to the next one
+        for j in range(i, i + len(self.pairs)):
             pair = self.pairs[j % len(self.pairs)]
             try:
                 return {"pixel_values": load_image(pair.image, self.resolution, self.crop),
                         "report": pair.report or ""}
             except (OSError, SyntaxError) as e:  # what Pillow raises for a damaged file
-                message = f"cannot decode {pair.image}: {' '.join(str(e).split()) or type(e).__name__}"
+                message = (f"cannot decode {pair.image}: "
+                           f"{' '.join(str(e).split()) or type(e).__name__}")
                 if self.strict:
                     raise ValueError(f"{message} (strict: fix or remove it)") from None
                 warnings.warn(f"{message}; using the next pair instead", stacklevel=2)

@@ -1,4 +1,5 @@
-"""The training recipe of RoentGen: fine-tune Stable Diffusion's UNet (and text encoder) on image-report pairs.
+"""The training recipe of RoentGen: fine-tune Stable Diffusion's UNet (and text encoder) on
+image-report pairs.
 
 Objective (LDM, Rombach et al. 2022, Eq. 3; DDPM, Ho et al. 2020, Eq. 14 "simple" loss). One step is
 DDPM's Algorithm 1 on the frozen VAE's latents; where each line happens:
@@ -14,11 +15,12 @@ DDPM's Algorithm 1 on the frozen VAE's latents; where each line happens:
 
 Randomness is a function of the sample's position in the training stream, not of the process that
 draws it: position p = 0, 1, 2, ... is dataset index perm_e[p mod N] of epoch e = p // N, and its
-timestep, noise, posterior sample, text-dropout coin and text augmentation come from a generator seeded
-with (seed, p).
-Step s consumes positions [s G, (s+1) G) of a global batch G, split into fixed slices per process and
-micro-batch. So a resumed run needs only the step number, and one process or many, with or without
-gradient accumulation, see the same samples with the same noise and average the same G losses.
+timestep, noise, posterior sample, text-dropout coin and text augmentation come from a generator
+seeded with (seed, p).
+Step s consumes positions [s G, (s+1) G) of a global batch G, split into fixed slices per process
+and micro-batch. So a resumed run needs only the step number, and one process or many, with or
+without gradient accumulation, see the same samples with the same noise and average the same G
+losses.
 """
 import hashlib
 import json
@@ -41,7 +43,8 @@ from .configs import CLIP_PRESETS, SCHEDULER_PRESETS, UNET_PRESETS, VAE_PRESETS,
 from .pipeline import SamplingDefaults, StableDiffusion, image_grid, to_grayscale_uint8
 from .tokenizer import CLIPTokenizer
 from .vae import DiagonalGaussian
-from .weights import DIFFUSERS_VERSION, WeightsError, check_state_dict, read_state_dict, written_atomically
+from .weights import (DIFFUSERS_VERSION, WeightsError, check_state_dict, read_state_dict,
+                      written_atomically)
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -54,14 +57,17 @@ class Denoiser(nn.Module):
     loss is an x0 loss weighted by SNR_t, and capping that weight at gamma keeps the nearly clean
     timesteps from dominating. The text encoder is LDM's tau_theta."""
 
-    def __init__(self, unet_model, text_encoder, schedule, train_text_encoder: bool, snr_gamma: float | None = None):
+    def __init__(self, unet_model, text_encoder, schedule, train_text_encoder: bool,
+                 snr_gamma: float | None = None):
         super().__init__()
-        self.unet, self.text_encoder, self.train_text_encoder = unet_model, text_encoder, train_text_encoder
+        self.unet, self.text_encoder, self.train_text_encoder = (
+            unet_model, text_encoder, train_text_encoder)
         self.schedule = schedule  # a NoiseSchedule: add_noise, target and snr
         self.snr_gamma = snr_gamma
 
     def forward(self, latents, input_ids, noise, timesteps) -> torch.Tensor:
-        """latents z0 (B, C, h, w), already scaled; input_ids (B, 77); noise like latents; timesteps (B,)."""
+        """latents z0 (B, C, h, w), already scaled; input_ids (B, 77); noise like latents;
+        timesteps (B,)."""
         noisy = self.schedule.add_noise(latents, noise, timesteps)  # z_t, DDPM Eq. 4
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             context = self.text_encoder(input_ids)  # tau(report), (B, 77, D)
@@ -76,10 +82,12 @@ class Denoiser(nn.Module):
 
 
 @torch.no_grad()
-def encode_latents(vae_model, pixels, indices, posterior_eps, cache: dict | None = None) -> torch.Tensor:
+def encode_latents(vae_model, pixels, indices, posterior_eps,
+                   cache: dict | None = None) -> torch.Tensor:
     """Pixels (B, 3, H, W) -> scaled latents z0 (B, C, h, w) in fp32. The posterior moments of each
-    dataset index are memoised in `cache` (on the CPU) when one is given; the posterior sample is drawn
-    with the position's `posterior_eps` either way, so cached and uncached runs train on the same z0."""
+    dataset index are memoised in `cache` (on the CPU) when one is given; the posterior sample is
+    drawn with the position's `posterior_eps` either way, so cached and uncached runs train on the
+    same z0."""
     todo = [j for j, i in enumerate(indices) if cache is None or i not in cache]
     moments = [None] * len(indices)
     if todo:
@@ -90,31 +98,35 @@ def encode_latents(vae_model, pixels, indices, posterior_eps, cache: dict | None
             if cache is not None:
                 cache[indices[j]] = m.cpu()
     device = pixels.device
-    moments = torch.stack([m if m is not None else cache[i].to(device) for i, m in zip(indices, moments)])
+    moments = torch.stack([m if m is not None else cache[i].to(device)
+                           for i, m in zip(indices, moments)])
     posterior = DiagonalGaussian(moments.float())
     z = posterior.mean + posterior.std * posterior_eps.to(device)  # the reparameterised sample
     return z * vae_model.config.scaling_factor  # (B, C, h, w)
 
 
-# ----------------------------------------------------------------------------- randomness by position
+# --------------------------------------------------------------------------- randomness by position
 
 def generator(seed: int, kind: str, n: int) -> torch.Generator:
-    """A CPU generator that depends only on (seed, kind, n): e.g. ("sample", position), ("epoch", e)."""
+    """A CPU generator that depends only on (seed, kind, n): e.g. ("sample", position),
+    ("epoch", e)."""
     digest = hashlib.sha256(f"{seed}/{kind}/{n}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 class PositionDataset(torch.utils.data.Dataset):
     """Position p -> the example at dataset index perm_{p // N}[p % N] and all of its random draws:
-    {"index", "pixel_values" (3, R, R), "input_ids" (77,), "timestep" (), "noise" and "posterior_eps"
-    (C, h, w)}. With probability `text_dropout` the report is replaced by "" (Ho & Salimans 2022,
-    classifier-free guidance: the model also learns the unconditional prediction); otherwise each of
-    its sentences is augmented with probability `text_augment` (see augment_report)."""
+    {"index", "pixel_values" (3, R, R), "input_ids" (77,), "timestep" (), "noise" and
+    "posterior_eps" (C, h, w)}. With probability `text_dropout` the report is replaced by ""
+    (Ho & Salimans 2022, classifier-free guidance: the model also learns the unconditional
+    prediction); otherwise each of its sentences is augmented with probability `text_augment`
+    (see augment_report)."""
 
     def __init__(self, dataset, tokenizer, seed: int, latent_shape: tuple, num_train_timesteps: int,
                  text_dropout: float, text_augment: float = 0.0):
         self.dataset, self.tokenizer, self.seed = dataset, tokenizer, seed
-        self.latent_shape, self.T, self.text_dropout = latent_shape, num_train_timesteps, text_dropout
+        self.latent_shape, self.T, self.text_dropout = (
+            latent_shape, num_train_timesteps, text_dropout)
         self.text_augment = text_augment
         self.words = vocabulary_words(tokenizer) if text_augment else []
         self._perm = (None, None)  # (epoch, permutation) of the last epoch asked for
@@ -122,7 +134,8 @@ class PositionDataset(torch.utils.data.Dataset):
     def index(self, p: int) -> int:
         epoch, n = divmod(p, len(self.dataset))
         if self._perm[0] != epoch:
-            self._perm = (epoch, torch.randperm(len(self.dataset), generator=generator(self.seed, "epoch", epoch)))
+            self._perm = (epoch, torch.randperm(len(self.dataset),
+                                                generator=generator(self.seed, "epoch", epoch)))
         return int(self._perm[1][n])
 
     def __getitem__(self, p: int) -> dict:
@@ -134,7 +147,8 @@ class PositionDataset(torch.utils.data.Dataset):
         posterior_eps = torch.randn(self.latent_shape, generator=g)
         example = self.dataset[i]
         report = "" if drop else augment_report(example["report"], self.text_augment, g, self.words)
-        with warnings.catch_warnings():  # a long report is cut as sample.py cuts it; the dataset counted them
+        # a long report is cut as sample.py cuts it; the dataset counted them
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "prompt truncated")
             input_ids = self.tokenizer([report])[0]
         return {"index": i, "pixel_values": example["pixel_values"], "input_ids": input_ids,
@@ -142,17 +156,19 @@ class PositionDataset(torch.utils.data.Dataset):
 
 
 def vocabulary_words(tokenizer: CLIPTokenizer) -> list:
-    """The whole words of the tokenizer's vocabulary in plain letters, 3 or more (CLIP: about 30,000), sorted."""
+    """The whole words of the tokenizer's vocabulary in plain letters, 3 or more (CLIP: about
+    30,000), sorted."""
     return sorted(w[:-4] for w in tokenizer.vocabulary()
                   if w.endswith("</w>") and w[:-4].isascii() and w[:-4].isalpha() and len(w) > 6)
 
 
 def augment_report(report: str, p: float, g: torch.Generator, words: list) -> str:
-    """Easy data augmentation of the text (EDA, Wei & Zou 2019), one sentence at a time so that a finding
-    keeps its side, size and zone: with probability p a sentence gets one of a random vocabulary word
-    inserted, two of its words swapped, or its words shuffled. The text encoder then reads a finding from
-    the words of its sentence rather than from one fixed word order, and learns to pass over words it was
-    never taught ("Signs of pulmonary edema."). p = 0 returns the report unchanged and draws nothing."""
+    """Easy data augmentation of the text (EDA, Wei & Zou 2019), one sentence at a time so that a
+    finding keeps its side, size and zone: with probability p a sentence gets one of a random
+    vocabulary word inserted, two of its words swapped, or its words shuffled. The text encoder then
+    reads a finding from the words of its sentence rather than from one fixed word order, and learns
+    to pass over words it was never taught ("Signs of pulmonary edema."). p = 0 returns the report
+    unchanged and draws nothing."""
     if not p:
         return report
     out = []
@@ -178,8 +194,10 @@ class StepSampler:
     """Batches of positions for one process: step s, micro-batch k of rank r takes the m positions
     s G + (r A + k) m + [0, m), with G = m A W (micro-batch m, accumulation A, world size W)."""
 
-    def __init__(self, start_step: int, micro_batch: int, accumulation: int, world_size: int, rank: int):
-        self.start, self.m, self.A, self.W, self.r = start_step, micro_batch, accumulation, world_size, rank
+    def __init__(self, start_step: int, micro_batch: int, accumulation: int, world_size: int,
+                 rank: int):
+        self.start, self.m, self.A, self.W, self.r = (
+            start_step, micro_batch, accumulation, world_size, rank)
 
     def __iter__(self):
         G, s = self.m * self.A * self.W, self.start
@@ -192,21 +210,27 @@ class StepSampler:
 
 # ----------------------------------------------------------------------------- models, optimisation
 
-PRESET_NAMES = sorted(UNET_PRESETS.keys() & VAE_PRESETS.keys() & CLIP_PRESETS.keys())  # "sd15", "small", "tiny"
+PRESET_NAMES = sorted(UNET_PRESETS.keys() & VAE_PRESETS.keys()
+                      & CLIP_PRESETS.keys())  # "sd15", "small", "tiny"
 
 
-def random_model(preset: str, resolution: int, seed: int, device="cpu", vae_model=None) -> StableDiffusion:
-    """A Stable Diffusion with random weights from the modules' PRESETS (to train small models from scratch).
-    `vae_model` (e.g. one trained by train_vae.py, see `load_vae`) replaces the preset's random VAE."""
+def random_model(preset: str, resolution: int, seed: int, device="cpu",
+                 vae_model=None) -> StableDiffusion:
+    """A Stable Diffusion with random weights from the modules' PRESETS (to train small models from
+    scratch). `vae_model` (e.g. one trained by train_vae.py, see `load_vae`) replaces the preset's
+    random VAE."""
     vae_config = VAE_PRESETS[preset] if vae_model is None else vae_model.config
-    unet_config = replace(UNET_PRESETS[preset], sample_size=resolution // vae_config.downsample_factor)
+    unet_config = replace(UNET_PRESETS[preset],
+                          sample_size=resolution // vae_config.downsample_factor)
     if vae_config.latent_channels != unet_config.in_channels:
-        raise ValueError(f"the VAE has {vae_config.latent_channels} latent channels but the {preset!r} UNet takes "
-                         f"{unet_config.in_channels}; train the VAE with latent_channels={unet_config.in_channels}")
+        raise ValueError(f"the VAE has {vae_config.latent_channels} latent channels but the "
+                         f"{preset!r} UNet takes {unet_config.in_channels}; train the VAE with "
+                         f"latent_channels={unet_config.in_channels}")
     with torch.random.fork_rng(devices=[]):  # nn.Module initialisers draw from the global generator
         torch.manual_seed(seed)
         models = [clip.CLIPTextModel(CLIP_PRESETS[preset]), unet.UNet2DConditionModel(unet_config),
-                  vae_model or vae.AutoencoderKL(vae_config)]  # built last: the other draws do not depend on it
+                  vae_model or vae.AutoencoderKL(vae_config)]  # built last: the other draws do not
+                                                               # depend on it
     models = [m.to(device).eval().requires_grad_(False) for m in models]
     return StableDiffusion(CLIPTokenizer.default(), *models, SCHEDULER_PRESETS["sd15"],
                            SamplingDefaults(height=resolution, width=resolution))
@@ -218,7 +242,8 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: p.detach().float().clone() for k, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {k: p.detach().float().clone() for k, p in model.named_parameters()
+                       if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int):
@@ -235,7 +260,8 @@ class EMA:
 
     @contextmanager
     def applied(self, model: nn.Module):
-        """Swap the EMA weights in for the duration of the block (e.g. to sample), then swap back."""
+        """Swap the EMA weights in for the duration of the block (e.g. to sample), then swap
+        back."""
         live = {k: p.detach().clone() for k, p in model.named_parameters() if k in self.shadow}
         self.copy_to(model)
         try:
@@ -251,15 +277,17 @@ class EMA:
 
     def load_state_dict(self, state: dict):
         if state.keys() != self.shadow.keys():
-            raise ValueError(f"EMA weights hold {len(state)} tensors, the model trains {len(self.shadow)}; "
-                             "was the checkpoint written with another --train-text-encoder setting?")
+            raise ValueError(f"EMA weights hold {len(state)} tensors, the model trains "
+                             f"{len(self.shadow)}; was the checkpoint written with another "
+                             "--train-text-encoder setting?")
         for k, v in state.items():
             self.shadow[k].copy_(v)
 
 
 def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
     """Multiplier of the base learning rate at (0-based) `step`: linear warm-up over `warmup` steps,
-    then constant, or a half cosine down to 0 at `max_steps` (Loshchilov & Hutter 2017, SGDR, Eq. 5)."""
+    then constant, or a half cosine down to 0 at `max_steps` (Loshchilov & Hutter 2017, SGDR,
+    Eq. 5)."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
@@ -275,30 +303,33 @@ VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 def save_vae(folder: Path, model: vae.AutoencoderKL):
     """Write a diffusers `vae/` folder (config.json, diffusion_pytorch_model.safetensors), which
-    `load_vae` and `diffusers.AutoencoderKL.from_pretrained` read; built beside `folder` and renamed."""
+    `load_vae` and `diffusers.AutoencoderKL.from_pretrained` read; built beside `folder` and
+    renamed."""
     with written_atomically(folder) as tmp:
         tmp.mkdir(parents=True)
-        config = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **model.config.to_dict()}
+        config = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+                  **model.config.to_dict()}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / VAE_WEIGHTS),
-                  metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / VAE_WEIGHTS), metadata={"format": "pt"})
 
 
 def load_vae(path, device="cpu") -> vae.AutoencoderKL:
-    """A diffusers `vae/` folder, or a folder holding one (a diffusers pipeline, train_vae.py's --out)
-    -> a frozen AutoencoderKL in eval mode."""
+    """A diffusers `vae/` folder, or a folder holding one (a diffusers pipeline, train_vae.py's
+    --out) -> a frozen AutoencoderKL in eval mode."""
     path = Path(path)
     folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
     if not (folder / "config.json").is_file() or not (folder / VAE_WEIGHTS).is_file():
-        raise WeightsError(f"{path}: no vae/config.json and vae/{VAE_WEIGHTS}; give a diffusers vae/ folder, "
-                           "a folder holding one, or train_vae.py's --out")
+        raise WeightsError(f"{path}: no vae/config.json and vae/{VAE_WEIGHTS}; give a diffusers "
+                           "vae/ folder, a folder holding one, or train_vae.py's --out")
     try:
         config = VAEConfig.from_dict(json.loads((folder / "config.json").read_text()))
     except (ValueError, TypeError) as e:
         raise WeightsError(f"{folder / 'config.json'}: {e}") from None
     model = vae.AutoencoderKL(config)
     state_dict = read_state_dict(folder / VAE_WEIGHTS)
-    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state_dict, folder / VAE_WEIGHTS)
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state_dict,
+                     folder / VAE_WEIGHTS)
     model.load_state_dict(state_dict)
     return model.to(device).eval().requires_grad_(False)
 
@@ -314,14 +345,16 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def save_checkpoint(folder: Path, sd: StableDiffusion, ema: EMA | None, state: dict, keep: int = 0):
     """`folder` = what `sd.save_pretrained` writes, a diffusers folder of the trained weights (so
-    `sample.py --weights folder` works), plus `ema.safetensors` and `training_state.pt` (step, optimizer,
-    scaler). Built under a temporary name and renamed, so a crash never leaves half a checkpoint under
-    the real name. Keeps the last `keep` (0: all)."""
+    `sample.py --weights folder` works), plus `ema.safetensors` and `training_state.pt` (step,
+    optimizer, scaler). Built under a temporary name and renamed, so a crash never leaves half a
+    checkpoint under the real name. Keeps the last `keep` (0: all)."""
     folder = Path(folder)
-    with written_atomically(folder) as tmp:  # the same step saved again (e.g. after a resume) is replaced
+    # the same step saved again (e.g. after a resume) is replaced
+    with written_atomically(folder) as tmp:
         sd.save_pretrained(tmp)
         if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()},
+                      str(tmp / "ema.safetensors"))
         torch.save(state, tmp / "training_state.pt")
     for stale in sorted(folder.parent.glob("checkpoint-[0-9]*[0-9]"))[:-keep] if keep else []:
         shutil.rmtree(stale)
@@ -331,32 +364,36 @@ def load_training_state(folder: Path) -> tuple[dict, dict | None]:
     """(training_state.pt as saved, the EMA tensors or None) of a checkpoint folder."""
     folder = Path(folder)
     if not (folder / "training_state.pt").is_file():
-        raise WeightsError(f"{folder}: not a checkpoint (no training_state.pt); give a checkpoint-NNNNNN folder "
-                           f"that train.py or train_vae.py wrote")
+        raise WeightsError(f"{folder}: not a checkpoint (no training_state.pt); give a "
+                           f"checkpoint-NNNNNN folder that train.py or train_vae.py wrote")
     try:
         state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
         ema_file = folder / "ema.safetensors"
         return state, load_file(ema_file) if ema_file.is_file() else None
     except Exception as e:
-        raise WeightsError(f"{folder}: damaged checkpoint ({str(e).strip()[:100] or type(e).__name__}); "
-                           f"resume from an earlier checkpoint-NNNNNN folder") from None
+        raise WeightsError(f"{folder}: damaged checkpoint "
+                           f"({str(e).strip()[:100] or type(e).__name__}); resume from an earlier "
+                           f"checkpoint-NNNNNN folder") from None
 
 
 def find_resume(out: Path, resume, max_steps: int) -> tuple[Path, dict, dict | None]:
-    """The checkpoint `--resume` means (the latest in `out` for resume "latest" or True, else the folder
-    given) with its training state and EMA tensors, read once; one-line errors for what cannot continue."""
+    """The checkpoint `--resume` means (the latest in `out` for resume "latest" or True, else the
+    folder given) with its training state and EMA tensors, read once; one-line errors for what
+    cannot continue."""
     folder = latest_checkpoint(out) if resume in ("latest", True) else Path(resume)
     if folder is None:
-        raise WeightsError(f"--resume: no checkpoint-NNNNNN folder in {out}; run without --resume to start")
+        raise WeightsError(f"--resume: no checkpoint-NNNNNN folder in {out}; "
+                           "run without --resume to start")
     state, ema_state = load_training_state(folder)
     if state["step"] > max_steps:
-        raise ValueError(f"--resume: {folder} is at step {state['step']}, past --max-steps {max_steps}; "
-                         "give a larger --max-steps")
+        raise ValueError(f"--resume: {folder} is at step {state['step']}, past --max-steps "
+                         f"{max_steps}; give a larger --max-steps")
     return folder, state, ema_state
 
 
 def blown_up(params, step: int, out: Path) -> str | None:
-    """Why the weights must not be saved (NaN or infinity in them, e.g. after a last update gone wrong), or None."""
+    """Why the weights must not be saved (NaN or infinity in them, e.g. after a last update gone
+    wrong), or None."""
     if all(torch.isfinite(p).all() for p in params):
         return None
     return (f"the weights hold NaN or infinity after step {step}; not saved (last good checkpoint: "
@@ -364,20 +401,22 @@ def blown_up(params, step: int, out: Path) -> str | None:
 
 
 def check_out(out: Path, resume: bool):
-    """A new run must not write into an old one's folder: its checkpoints, final weights and log would mix."""
+    """A new run must not write into an old one's folder: its checkpoints, final weights and log
+    would mix."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
-    found = [p.name for p in (*sorted(out.glob("checkpoint-[0-9]*[0-9]")), out / "final", out / "vae",
-                              out / "log.jsonl") if p.exists()] if out.is_dir() else []
+    found = [p.name for p in (*sorted(out.glob("checkpoint-[0-9]*[0-9]")), out / "final",
+                              out / "vae", out / "log.jsonl") if p.exists()] if out.is_dir() else []
     if found and not resume:
-        raise ValueError(f"--out {out} already holds a run ({', '.join(found[:3])}); add --resume to continue "
-                         f"it, or give a new --out")
+        raise ValueError(f"--out {out} already holds a run ({', '.join(found[:3])}); add --resume "
+                         f"to continue it, or give a new --out")
 
 
 def check_ranges(parser, args, at_least_1=(), at_least_0=(), positive=()):
-    """parser.error for the first numeric flag out of its range (NaN and infinity are out of every range)
-    or a --seed outside [0, 2**63)."""
-    for keys, ok, what in ((at_least_1, lambda v: v >= 1, "at least 1"), (at_least_0, lambda v: v >= 0, "at least 0"),
+    """parser.error for the first numeric flag out of its range (NaN and infinity are out of every
+    range) or a --seed outside [0, 2**63)."""
+    for keys, ok, what in ((at_least_1, lambda v: v >= 1, "at least 1"),
+                           (at_least_0, lambda v: v >= 0, "at least 0"),
                            (positive, lambda v: v > 0, "positive")):
         for key in keys:
             value = getattr(args, key)
