@@ -270,14 +270,15 @@ def group_of(labels: dict) -> str:
 
 # ----------------------------------------------------------------------------- the frozen benchmark
 
-def load(path=BENCHMARK) -> list:
+def load(path=None) -> list:
+    path = BENCHMARK if path is None else path
     try:
         return json.loads(Path(path).read_text())["studies"]
     except (OSError, ValueError, KeyError) as e:
         raise OpenIError(f"cannot read the frozen Open-I selection {path} ({e!r})") from None
 
 
-def prompts(source, halves=("dev", "heldout"), path=BENCHMARK) -> list:
+def prompts(source, halves=("dev", "heldout"), path=None) -> list:
     """judge.Prompt of each frozen study in `halves`: its impression read from `source`, its frozen
     labels, wording = its half (the table's row set)."""
     from .judge import Prompt
@@ -287,6 +288,8 @@ def prompts(source, halves=("dev", "heldout"), path=BENCHMARK) -> list:
     if missing:
         raise OpenIError(f"{source} lacks {len(missing)} of the {len(studies)} frozen reports (or their "
                          f"IMPRESSION), e.g. {', '.join(missing[:3])}: is it the Open-I NLMCXR_reports.tgz?")
+    order = [*P.FINDINGS, "two_or_more", "normal"]  # the table's rows: one finding, several, none
+    studies.sort(key=lambda s: (halves.index(s["half"]), order.index(group_of(s["labels"]))))
     return [Prompt(reports[s["id"]][0], s["labels"], group_of(s["labels"]), s["half"]) for s in studies]
 
 
