@@ -15,29 +15,28 @@ only if
   3. the impression affirms no finding or device the labels lack (WORDS again), so a sample that
      draws what the text says is never counted unprompted; "normal" studies affirm none.
 
-  major term (heading/qualifiers)              label                       qualifiers allowed
-  normal (the only term)                       {}                          -
-  Pleural Effusion                             pleural_effusion            side: left|right|bilateral and
-                                                 {side, size}              size: small|moderate|large (both
-                                                                           needed); base, costophrenic angle,
-                                                                           posterior
-  Pneumothorax                                 pneumothorax {side, size}   left|right and small|large; apex
-  Cardiomegaly                                 cardiomegaly                none, mild, moderate, severe
-                                                                           ("borderline" excludes)
-  Pulmonary Edema                              edema                       none, interstitial, mild, moderate,
-                                                                           bilateral, diffuse
-  Consolidation, Airspace Disease, Pneumonia   consolidation {zone}        left|right and upper lobe (upper) or
-    (the airspace consolidation the phantom                                lower lobe|base (lower); lung, focal.
-     draws; Fleischner: airspace disease)                                  Middle lobe, lingula, bilateral,
-                                                                           patchy, mild... exclude
-  Nodule                                       nodule {zone, size: small}  zone as above (apex: upper); "small"
-                                                                           needed; lung, round
-  Mass (Fleischner: an opacity > 3 cm; the     nodule {zone, size: large}  zone as above; lung, large, round
-    phantom's large nodule is 3-4 cm)
-  Tube, Inserted/trachea[, carina]             endotracheal_tube           trachea, "trachea, carina" (one needed)
-  Catheters, Indwelling                        central_venous_line         none, left, right, thorax, anterior
-  Implanted Medical Device                     pacemaker (the impression   none, left, right, thorax, heart
-                                                 must name it: rule 2)
+  major term (heading)                 label                  qualifiers allowed (others exclude)
+  normal (the only term)               {}                     -
+  Pleural Effusion                     pleural_effusion       left|right|bilateral and small|moderate|
+                                         {side, size}         large (both needed); base, costophrenic
+                                                              angle, posterior
+  Pneumothorax                         pneumothorax           left|right and small|large; apex
+                                         {side, size}
+  Cardiomegaly                         cardiomegaly           none, mild, moderate, severe ("borderline"
+                                                              excludes)
+  Pulmonary Edema                      edema                  none, interstitial, mild, moderate,
+                                                              bilateral, diffuse
+  Consolidation, Airspace Disease,     consolidation {zone}   left|right and upper lobe (upper) or lower
+    Pneumonia (the airspace                                   lobe|base (lower); lung, focal. Middle
+    consolidation the phantom draws)                          lobe, lingula, bilateral, patchy... exclude
+  Nodule                               nodule {zone, size:    zone as above (apex: upper); "small"
+                                         small}               needed; lung, round
+  Mass (Fleischner: > 3 cm; the        nodule {zone, size:    zone as above; lung, large, round
+    phantom's large nodule is 3-4 cm)    large}
+  Tube, Inserted                       endotracheal_tube      trachea or "trachea, carina" (needed)
+  Catheters, Indwelling                central_venous_line    none, left, right, thorax, anterior
+  Implanted Medical Device             pacemaker (named in    none, left, right, thorax, heart
+                                         the impression: 2.)
 Devices are merged into one support_devices label. Two terms that give one finding different
 attributes (a left and a right effusion) exclude the study. Anything else (Opacity, Granuloma,
 Pulmonary Atelectasis, Pulmonary Congestion, Infiltrate, Surgical Instruments, No Indexing...)
@@ -113,6 +112,10 @@ def _xmls(path: Path):
         raise OpenIError(f"{path} is not a readable .tgz of the Open-I reports ({e})") from None
 
 
+def _clean(text) -> str:
+    return " ".join((text or "").split())
+
+
 def read_reports(path) -> dict:
     """{id (the XML's file name): (impression, [major MeSH terms])} of every Open-I report."""
     reports = {}
@@ -121,8 +124,8 @@ def read_reports(path) -> dict:
             root = ET.fromstring(data)
         except ET.ParseError as e:
             raise OpenIError(f"{path}: {name} is not valid XML ({e})") from None
-        sections = {el.get("Label", "").upper(): " ".join((el.text or "").split()) for el in root.iter("AbstractText")}
-        majors = [" ".join((m.text or "").split()) for mesh in root.iter("MeSH") for m in mesh.iter("major")]
+        sections = {el.get("Label", "").upper(): _clean(el.text) for el in root.iter("AbstractText")}
+        majors = [_clean(m.text) for mesh in root.iter("MeSH") for m in mesh.iter("major")]
         reports[name] = (sections.get("IMPRESSION", ""), majors)
     if not reports:
         raise OpenIError(f"{path} holds no ecgen-radiology/*.xml reports")
@@ -257,10 +260,15 @@ def select(reports: dict) -> list:
     """[{"id", "half", "labels"}] of the studies the rule keeps, normals capped per half, sorted by id."""
     kept = [(i, select_study(*reports[i])) for i in reports]
     kept = [(i, labels) for i, labels in kept if labels is not None]
-    normal = {h: sorted((_hash(i), i) for i, labels in kept if not labels and half_of(i) == h) for h in ("dev", "heldout")}
-    keep_normal = {i for h in normal for _, i in normal[h][:NORMALS_PER_HALF]}
+    keep_normal = set()
+    for h in ("dev", "heldout"):
+        normal = sorted((_hash(i), i) for i, labels in kept if not labels and half_of(i) == h)
+        keep_normal |= {i for _, i in normal[:NORMALS_PER_HALF]}
     out = [{"id": i, "half": half_of(i), "labels": labels} for i, labels in kept if labels or i in keep_normal]
-    return sorted(out, key=lambda s: (int(s["id"].split(".")[0]) if s["id"].split(".")[0].isdigit() else 0, s["id"]))
+    def number(s):  # "12.xml" -> 12
+        stem = s["id"].split(".")[0]
+        return int(stem) if stem.isdigit() else 0
+    return sorted(out, key=lambda s: (number(s), s["id"]))
 
 
 def group_of(labels: dict) -> str:
@@ -297,7 +305,8 @@ def summary(studies: list) -> str:
     lines = []
     for h in ("dev", "heldout"):
         c = Counter(group_of(s["labels"]) for s in studies if s["half"] == h)
-        lines.append(f"{h}: {sum(c.values())} studies (" + ", ".join(f"{k} {v}" for k, v in sorted(c.items())) + ")")
+        groups = ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+        lines.append(f"{h}: {sum(c.values())} studies ({groups})")
     return "\n".join(lines)
 
 
