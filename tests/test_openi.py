@@ -196,3 +196,16 @@ def test_evaluate_openi_end_to_end(reader, tmp_path, capsys, monkeypatch):
                                                                                 {dev: STUDIES[dev][:2]}))])
     assert "--half needs --openi" in error(["--half", "dev"])
     assert "holds no ecgen-radiology/" in error(["--openi", str(tmp_path)])
+
+
+def test_torchxrayvision_copy_is_found_without_importing_it(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "torchxrayvision"
+    (package / "data").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('torchxrayvision was imported')\n")
+    write_tgz(package / "data" / "NLMCXR_reports.tgz", _reports())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert O.locate("torchxrayvision") == package / "data" / "NLMCXR_reports.tgz"
+    assert O.read_reports("torchxrayvision")["1.xml"][0] == STUDIES["1.xml"][0]
+    monkeypatch.setattr(O.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(O.OpenIError, match="not installed"):
+        O.locate("torchxrayvision")
