@@ -11,6 +11,7 @@ and the mean pairwise MS-SSIM of one prompt's samples beside the same figure for
   python evaluate.py --real                            # real phantoms in place of samples: the judge's baseline
   python evaluate.py --reconstruct                     # real phantoms through the model's VAE: its ceiling
   python evaluate.py --prompts docs/blind_prompts.json --seeds 8   # another prompt set
+  python evaluate.py --openi NLMCXR_reports.tgz --seeds 8          # real Open-I impressions (docs/openi_benchmark.json)
 
 Writes OUT/table.md, OUT/grid.png (prompts x samples) and OUT/results.json.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from minroentgen.phantoms import judge as E
+from minroentgen.phantoms import openi
 from minroentgen.phantoms import reader as R
 from minroentgen.pipeline import StableDiffusion
 from minroentgen.weights import WeightsError
@@ -54,6 +56,11 @@ def parse_args(argv=None):
     a("--prompts", type=Path, metavar="FILE", help="judge the prompts of a JSON file instead of the built-in set: "
       '{"wording": NAME, "prompts": [[text, labels], ...]} with phantom labels, e.g. docs/blind_prompts.json '
       "(paraphrases written by someone who saw neither the report writer nor the built-in set)")
+    a("--openi", metavar="PATH", help="judge the real Open-I impressions of the frozen selection "
+      "docs/openi_benchmark.json (minroentgen/phantoms/openi.py), read from PATH: the Open-I "
+      "NLMCXR_reports.tgz, a folder holding ecgen-radiology/, or 'torchxrayvision' (that package's copy)")
+    a("--half", choices=["dev", "heldout", "both"], default="both", help="with --openi: which half of the "
+      "selection (default both, each its own rows)")
     a("--limit", type=int, help=f"evaluate only this many prompts, spread evenly over the {len(E.PROMPTS)} ({len(E.PROMPTS) // 2} with --real; quick runs)")
     a("--heldout", type=int, default=1000, help="held-out phantoms for the FID reference (default 1000)")
     a("--reader", type=Path, default=R.WEIGHTS, help="phantom reader weights (default weights/phantom_reader.safetensors)")
@@ -61,6 +68,10 @@ def parse_args(argv=None):
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where the model runs (default auto: cuda, mps, cpu)")
     a("--dtype", default="auto", choices=["auto", *DTYPES], help="model precision (default auto: fp16 on cuda, fp32 elsewhere)")
     args = p.parse_args(argv)
+    if args.openi and args.prompts:
+        p.error("--openi and --prompts exclude each other: each is a prompt set")
+    if args.half != "both" and not args.openi:
+        p.error("--half needs --openi")
     if args.real and args.reconstruct:
         p.error("--real and --reconstruct exclude each other: --real needs no model, --reconstruct uses its VAE")
     for name in ("seeds", "steps", "size", "limit"):
@@ -102,7 +113,11 @@ def main(argv=None):
     if args.real:
         torch.set_num_threads(1)  # only the small reader runs: one thread is faster (see reader.py)
     try:
-        prompts = E.load_prompts(args.prompts) if args.prompts else E.PROMPTS
+        if args.openi:
+            halves = ("dev", "heldout") if args.half == "both" else (args.half,)
+            prompts = openi.prompts(args.openi, halves)
+        else:
+            prompts = E.load_prompts(args.prompts) if args.prompts else E.PROMPTS
     except ValueError as e:
         sys.exit(f"evaluate.py: error: {e}")
     sd = None if args.real else load_model(args)
@@ -111,7 +126,7 @@ def main(argv=None):
     except OSError as e:
         sys.exit(f"evaluate.py: error: cannot write --out {args.out} ({e.strerror})")
     phantoms = args.real or args.reconstruct  # phantoms read no text: one wording
-    if phantoms and not args.prompts:
+    if phantoms and not (args.prompts or args.openi):
         prompts = [p for p in prompts if p.wording == "trained"]
     prompts = E.spread(prompts, args.limit) if args.limit else prompts
     settings = {"steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler,
