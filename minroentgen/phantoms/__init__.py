@@ -9,5 +9,6 @@ checks its text-to-image models on pictures whose labels say exactly what they s
     phantom.py   labels, render, the data set writer (`python -m minroentgen.phantoms --out DIR`)
     reader.py    a small CNN that reads findings off a phantom: the radiologist of the evaluation
     judge.py     text control: prompts, samples, what the reader sees, FID and MS-SSIM per group
+    openi.py     real Open-I impressions with labels from their MeSH terms: a benchmark of real words
     openi.py     real Open-I impressions with phantom labels from their MeSH terms (a benchmark)
 """
