@@ -41,6 +41,10 @@ def reference_gray(pipe, scheduler, negative=None, **extra):
     return np.round(rgb.mean(axis=-1))
 
 
+def read_pngs(paths) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
+
+
 def run_sample(weights, scheduler, out, extra=()):
     args = [PROMPT, "--weights", str(weights), "--scheduler", scheduler, "--steps", str(KW["steps"]),
             "--guidance", str(KW["guidance"]), "--seed", str(KW["seed"]), "--n", str(KW["n"]),
@@ -58,27 +62,33 @@ def test_same_png_as_diffusers(sources, scheduler, tmp_path):
     for source in ("safetensors", "bin", "single.safetensors"):
         extra = ("--config", str(root / "safetensors")) if source.startswith("single") else ()
         paths = run_sample(root / source, name, tmp_path / source, extra)
-        got = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
+        got = read_pngs(paths)
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() <= 1, f"{source} with {name}"
 
 
-def test_zero_terminal_snr_model_same_png_as_diffusers(sources, tmp_path):
-    """A model as `train.py --zero-snr` saves it: v-prediction on rescaled betas, DDIM from t = 999."""
+def zero_snr_reference(pipe, folder, **extra):
+    """Save `pipe` with a zero-terminal-SNR v-prediction DDIM scheduler (as `train.py --zero-snr`
+    saves a model) to `folder`; diffusers' images with it."""
     import diffusers
 
-    pipe, _ = sources
     original = pipe.scheduler
     pipe.scheduler = diffusers.DDIMScheduler.from_config(original.config, rescale_betas_zero_snr=True,
                                                          prediction_type="v_prediction", timestep_spacing="trailing")
     try:
-        pipe.save_pretrained(tmp_path / "zsnr", safe_serialization=True)
-        expected = reference_gray(pipe, "DDIMScheduler")
+        pipe.save_pretrained(folder, safe_serialization=True)
+        return reference_gray(pipe, "DDIMScheduler", **extra)
     finally:
         pipe.scheduler = original
-    assert np.abs(expected - reference_gray(pipe, "DDIMScheduler")).max() > 1, "the schedule changed nothing"
+
+
+def test_zero_terminal_snr_model_same_png_as_diffusers(sources, tmp_path):
+    """A model as `train.py --zero-snr` saves it: v-prediction on rescaled betas, DDIM from t = 999."""
+    expected = zero_snr_reference(sources[0], tmp_path / "zsnr")
+    sd_schedule = reference_gray(sources[0], "DDIMScheduler")
+    assert np.abs(expected - sd_schedule).max() > 1, "the schedule changed nothing"
     paths = run_sample(tmp_path / "zsnr", "ddim", tmp_path / "out")
-    got = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
+    got = read_pngs(paths)
     assert np.abs(got - expected).max() <= 1
     with pytest.raises(SystemExit, match="ddim or ddpm"):
         run_sample(tmp_path / "zsnr", "pndm", tmp_path / "pndm")
@@ -86,25 +96,15 @@ def test_zero_terminal_snr_model_same_png_as_diffusers(sources, tmp_path):
 
 def test_guidance_rescale_same_png_as_diffusers(sources, tmp_path):
     """Lin et al. 2024's guidance rescale on a zero-terminal-SNR model, as diffusers' `guidance_rescale`."""
-    import diffusers
-
-    pipe, _ = sources
-    original = pipe.scheduler
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(original.config, rescale_betas_zero_snr=True,
-                                                         prediction_type="v_prediction", timestep_spacing="trailing")
-    try:
-        pipe.save_pretrained(tmp_path / "zsnr", safe_serialization=True)
-        expected = reference_gray(pipe, "DDIMScheduler", guidance_rescale=0.7)
-        plain = reference_gray(pipe, "DDIMScheduler")
-    finally:
-        pipe.scheduler = original
+    expected = zero_snr_reference(sources[0], tmp_path / "zsnr", guidance_rescale=0.7)
+    plain = zero_snr_reference(sources[0], tmp_path / "plain")
     assert np.abs(expected - plain).max() > 1, "rescaling changed nothing: the test could not fail"
     paths = run_sample(tmp_path / "zsnr", "ddim", tmp_path / "out", ("--guidance-rescale", "0.7"))
-    got = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
+    got = read_pngs(paths)
     assert np.abs(got - expected).max() <= 1
     (tmp_path / "zsnr" / "sampling.json").write_text('{"guidance_rescale": 0.7}')  # a model's own setting
     paths = run_sample(tmp_path / "zsnr", "ddim", tmp_path / "out2")
-    got = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
+    got = read_pngs(paths)
     assert np.abs(got - expected).max() <= 1
 
 
@@ -125,7 +125,7 @@ def test_switching_sampler_reads_missing_keys_as_diffusers(sources, tmp_path):
         pipe.scheduler = original
     assert np.abs(expected - reference_gray(pipe, "DDIMScheduler")).max() > 1, "clipping changed nothing"
     paths = run_sample(tmp_path / "pndm", "ddim", tmp_path / "out")
-    got = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
+    got = read_pngs(paths)
     assert np.abs(got - expected).max() <= 1
 
 
@@ -143,7 +143,7 @@ def test_negative_prompt_is_the_unconditional_branch(sources, tmp_path):
     pipe, root = sources
     expected = reference_gray(pipe, "DDIMScheduler", negative="no acute cardiopulmonary process")
     paths = run_sample(root / "safetensors", "ddim", tmp_path, ("--negative", "no acute cardiopulmonary process"))
-    got = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
+    got = read_pngs(paths)
     assert np.abs(got - expected).max() <= 1
     plain = reference_gray(pipe, "DDIMScheduler")
     assert np.abs(plain - expected).max() > 1, "the negative prompt changed nothing: the test cannot fail"
