@@ -128,26 +128,22 @@ def check_run(out: Path, run: dict):
                          "or the same arguments to continue that run")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    warnings.showwarning = lambda message, *_, **__: print(f"{PROG}: warning: {message}", file=sys.stderr)
+def generate(args):
+    """Sample the rows not done yet, then write reports.csv (see the module's docstring)."""
     device = pick_device(args.device, prog=PROG)
     auto = torch.float16 if device.type == "cuda" else torch.float32
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else auto
     out, K = Path(args.out), args.per_report
-    try:
-        rows, has_labels = read_reports(Path(args.reports))
-        sd = StableDiffusion.from_pretrained(args.weights or DEFAULT_WEIGHTS, device=device, dtype=dtype)
-        d = sd.defaults
-        settings = dict(steps=args.steps or d.steps, scheduler=args.scheduler or d.scheduler,
-                        guidance=d.guidance if args.guidance is None else args.guidance,
-                        height=d.height, width=d.width)
-        rows_sha = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-        check_run(out, dict(reports_sha256=rows_sha, rows=len(rows), seed=args.seed, per_report=K,
-                            batch_size=args.batch_size, weights=args.weights or "default",
-                            device=device.type, dtype=str(dtype).removeprefix("torch."), **settings))
-    except (ValueError, OSError, WeightsError) as e:
-        sys.exit(f"{PROG}: error: {e}")
+    rows, has_labels = read_reports(Path(args.reports))
+    sd = StableDiffusion.from_pretrained(args.weights or DEFAULT_WEIGHTS, device=device, dtype=dtype)
+    d = sd.defaults
+    settings = dict(steps=args.steps or d.steps, scheduler=args.scheduler or d.scheduler,
+                    guidance=d.guidance if args.guidance is None else args.guidance,
+                    height=d.height, width=d.width)
+    rows_sha = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    check_run(out, dict(reports_sha256=rows_sha, rows=len(rows), seed=args.seed, per_report=K,
+                        batch_size=args.batch_size, weights=args.weights or "default",
+                        device=device.type, dtype=str(dtype).removeprefix("torch."), **settings))
 
     R = max(1, args.batch_size // K)  # rows a batch; batch b holds rows b*R .. b*R + R - 1, always
     n_rows = len(rows) if args.limit is None else min(len(rows), -(-args.limit // R) * R)
@@ -159,11 +155,8 @@ def main(argv=None):
     done = n_rows * K - sum(len(rs) * K for rs in todo)
     bar = tqdm(total=n_rows * K, initial=done, unit="img", desc="generating")
     for rs in todo:
-        try:
-            images = sd([rows[r][0] for r in rs], n=K, seed=[row_seed(args.seed, r) for r in rs],
-                        progress=False, **settings)
-        except ValueError as e:
-            sys.exit(f"{PROG}: error: {e}")
+        images = sd([rows[r][0] for r in rs], n=K, seed=[row_seed(args.seed, r) for r in rs],
+                    progress=False, **settings)
         for name, pixels in zip([name for r in rs for name in names[r]], to_grayscale_uint8(images)):
             with written_atomically(out / name) as tmp:
                 Image.fromarray(pixels.numpy()).save(tmp, format="PNG")
@@ -180,6 +173,14 @@ def main(argv=None):
     left = f"; {len(rows) - n_rows} reports left (run again without --limit)" if n_rows < len(rows) else ""
     print(f"{n_rows} reports, {n_rows * K} images: {out / 'reports.csv'}{left}")
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    warnings.showwarning = lambda message, *_, **__: print(f"{PROG}: warning: {message}", file=sys.stderr)
+    try:
+        generate(args)
+    except (ValueError, OSError, WeightsError) as e:
+        sys.exit(f"{PROG}: error: {e}")
 
 if __name__ == "__main__":
     main()
