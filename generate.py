@@ -152,6 +152,8 @@ def generate(args):
     batches = [range(b, min(b + R, n_rows)) for b in range(0, n_rows, R)]
     todo = [rs for rs in batches if not all((out / name).is_file() for r in rs for name in names[r])]
     (out / "images").mkdir(exist_ok=True)
+    for stale in (out / "images").glob(".*.tmp*"):  # left by a killed run (written_atomically's names)
+        stale.unlink()
     done = n_rows * K - sum(len(rs) * K for rs in todo)
     bar = tqdm(total=n_rows * K, initial=done, unit="img", desc="generating")
     for rs in todo:

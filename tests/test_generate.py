@@ -105,7 +105,9 @@ def test_a_crash_while_writing_leaves_no_file_counted_as_done(tmp_path, monkeypa
         run(reports, tmp_path / "out", "--steps", "1")
     assert [p.name for p in tmp_path.joinpath("out").rglob("*") if p.is_file()] == ["run.json"]
     monkeypatch.setattr(Image.Image, "save", save)
+    (tmp_path / "out" / "images" / ".00000-0.png.tmp1").write_bytes(b"\x89PNG half")  # as kill -9 leaves it
     run(reports, tmp_path / "out", "--steps", "1")
+    assert [p.name for p in (tmp_path / "out" / "images").iterdir()] == ["00000-0.png"]
     assert Image.open(tmp_path / "out" / "images" / "00000-0.png").size == (128, 128)
 
 
