@@ -76,13 +76,13 @@ def parse_args(argv=None):
     return args
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, prog="sample.py") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("sample.py: error: --device cuda, but this torch build sees no CUDA GPU; use --device cpu")
+        sys.exit(f"{prog}: error: --device cuda, but this torch build sees no CUDA GPU; use --device cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        sys.exit("sample.py: error: --device mps, but MPS is not available here; use --device cpu")
+        sys.exit(f"{prog}: error: --device mps, but MPS is not available here; use --device cpu")
     return torch.device(name)
 
 

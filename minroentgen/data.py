@@ -345,18 +345,23 @@ def _json_lines(path: Path, lines) -> list:
     return rows
 
 
-def read_table(path: Path) -> list[Pair]:
-    """A .csv or .jsonl (optionally .gz) with `image` (relative to the file) and `report`
-    columns."""
+def read_rows(path: Path) -> list:
+    """The rows of a .csv (dicts) or .jsonl (JSON values) file, optionally .gz."""
     try:
         with _open_text(path) as f:
-            rows = _json_lines(path, f) if ".jsonl" in path.suffixes else list(csv.DictReader(f))
+            return _json_lines(path, f) if ".jsonl" in path.suffixes else list(csv.DictReader(f))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); "
                          "save it as UTF-8") from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}): "
                          "damaged or cut short?") from None
+
+
+def read_table(path: Path) -> list[Pair]:
+    """A .csv or .jsonl (optionally .gz) with `image` (relative to the file) and `report`
+    columns."""
+    rows = read_rows(path)
     pairs = []
     for n, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not {"image", "report"} <= row.keys():

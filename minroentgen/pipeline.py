@@ -147,6 +147,9 @@ class StableDiffusion:
         Seed s draws the initial latents as
         `torch.randn((n, C, H//f, W//f), generator=torch.Generator("cpu").manual_seed(s))`,
         so the same seed gives the same picture here and in diffusers.
+
+        `prompt` may be a list of texts and `seed` a list as long, one seed each: they are sampled in one
+        batch, (len * n, 3, H, W), each prompt's n images drawn exactly as that prompt alone with its seed.
         """
         d = self.defaults
         steps, guidance = d.steps if steps is None else steps, d.guidance if guidance is None else guidance
@@ -171,15 +174,19 @@ class StableDiffusion:
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps)
 
+        prompts, seeds = ([prompt], [seed]) if isinstance(prompt, str) else (list(prompt), list(seed))
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts need {len(prompts)} seeds, got {len(seeds)}")
         guided = guidance > 1.0  # as diffusers: guidance 1 (or less) means the prompt alone
-        context = self.encode_prompt([negative, prompt] if guided else [prompt])  # (1 or 2, 77, D)
-        context = context.repeat_interleave(n, dim=0)  # (n or 2n, 77, D): [neg x n, prompt x n]
+        context = self.encode_prompt([negative] * len(prompts) + prompts if guided else prompts)
+        context = context.repeat_interleave(n, dim=0)  # [neg x P*n, prompt_1 x n, ..., prompt_P x n]
 
-        generator = torch.Generator("cpu").manual_seed(seed)
+        generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # one per prompt, also for steps
         shape = (n, self.unet.config.in_channels, height // f, width // f)
         # z at timesteps[0] ~ N(0, I): pure noise only where that is T - 1 on a zero-terminal-SNR
         # schedule ("trailing" spacing, Lin et al. 2024, Sec. 3.3); SD's "leading" 75 starts at 963
-        latents = torch.randn(shape, generator=generator).to(self.device, self.dtype)
+        latents = torch.cat([torch.randn(shape, generator=g) for g in generator])
+        latents = latents.to(self.device, self.dtype)
         for t in tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False):
             x = torch.cat([latents, latents]) if guided else latents  # (2n or n, 4, h, w)
             pred = self.unet(x, t.to(self.device), context)  # noise, or v for a v-prediction model
