@@ -18,6 +18,6 @@ Read it in the order the data flows, each file next to its paper:
 Plumbing, to read when needed: configs.py (the config.json of each model, as dataclasses),
 weights.py and layouts.py (checkpoint files in diffusers' and the original CompVis naming).
 Comments marked (parity) or (speed) exist only to match diffusers bit for bit or to run faster:
-skip them on a first read. phantoms/ is the offline world that stands in for MIMIC-CXR (procedural X-rays, their reports,
-a reader that judges samples); it is not part of the model.
+skip them on a first read. phantoms/ is the offline world that stands in for MIMIC-CXR
+(procedural X-rays, their reports, a reader that judges samples); it is not part of the model.
 """

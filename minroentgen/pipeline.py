@@ -8,8 +8,9 @@ This is Stable Diffusion inference (Rombach et al. 2022, Sec. 3.3) as RoentGen s
     latents / 0.18215 --vae.decode--> image (B, 3, H, W) in [-1, 1]
 
 Classifier-free guidance (Ho & Salimans 2022, eq. 6): the UNet runs on the prompt and on the
-negative prompt (empty by default) in one batch, and the two predictions (noise, or v) are extrapolated,
-pred = pred_neg + g * (pred_prompt - pred_neg); g = 1 + w of the paper's (1 + w) eps_c - w eps_u.
+negative prompt (empty by default) in one batch, and the two predictions (noise, or v) are
+extrapolated, pred = pred_neg + g * (pred_prompt - pred_neg); g = 1 + w of the paper's
+(1 + w) eps_c - w eps_u.
 Guiding v is the same as guiding eps: at a fixed z_t, v is affine in eps and the weights g, 1 - g
 sum to 1. Guidance rescale (Lin et al. 2024, Sec. 3.4) then pulls the guided prediction's spread
 back towards the prompt branch's, which large g inflates on zero-terminal-SNR models.
@@ -47,7 +48,8 @@ class SamplingDefaults:
 
     def __post_init__(self):  # a sampling.json can say anything
         if self.scheduler not in SCHEDULER_NAMES.values():
-            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_NAMES.values())}, got {self.scheduler!r}")
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_NAMES.values())}, "
+                             f"got {self.scheduler!r}")
         for name in ("steps", "height", "width"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
@@ -55,7 +57,8 @@ class SamplingDefaults:
         if type(self.guidance) not in (int, float) or not 0 <= self.guidance < math.inf:
             raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
         if type(self.guidance_rescale) not in (int, float) or not 0 <= self.guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale must be a number from 0 to 1, got {self.guidance_rescale!r}")
+            raise ValueError("guidance_rescale must be a number from 0 to 1, "
+                             f"got {self.guidance_rescale!r}")
 
 
 def _build(model_cls, config, state_dict, source: str, device, dtype):
@@ -71,7 +74,8 @@ def _build(model_cls, config, state_dict, source: str, device, dtype):
 class StableDiffusion:
     """The four parts of Stable Diffusion and the sampling loop that ties them together."""
 
-    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config, defaults=SamplingDefaults()):
+    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config,
+                 defaults=SamplingDefaults()):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.scheduler_config, self.defaults = scheduler_config, defaults
 
@@ -93,24 +97,31 @@ class StableDiffusion:
         models = {name: _build(model_cls, config(name, config_cls), ckpt.state_dicts[name],
                                f"{ckpt.source} ({name})", device, dtype)
                   for name, (model_cls, config_cls) in parts.items()}
-        tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer.default()
+        tokenizer = (CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir
+                     else CLIPTokenizer.default())
         # a single file without a scheduler config gets SD's, as diffusers' from_single_file does
         scheduler_config = (config("scheduler", SchedulerConfig) if "scheduler" in ckpt.configs
                             else SCHEDULER_PRESETS["sd15"])
         unet_size, vae = models["unet"].config.sample_size, models["vae"].config
-        size = unet_size * vae.downsample_factor if unet_size else vae.sample_size  # diffusers' default size
+        # diffusers' default size
+        size = unet_size * vae.downsample_factor if unet_size else vae.sample_size
         if scheduler_config.class_name not in SCHEDULER_NAMES:
-            warnings.warn(f"{path}: its scheduler {scheduler_config.class_name} is not implemented here; sampling "
-                          f"with PNDM on the same noise schedule (choose with --scheduler pndm, ddim or ddpm)")
-        defaults = SamplingDefaults(scheduler=SCHEDULER_NAMES.get(scheduler_config.class_name, "pndm"),
+            warnings.warn(f"{path}: its scheduler {scheduler_config.class_name} is not implemented "
+                          "here; sampling with PNDM on the same noise schedule (choose with "
+                          "--scheduler pndm, ddim or ddpm)")
+        defaults = SamplingDefaults(scheduler=SCHEDULER_NAMES.get(scheduler_config.class_name,
+                                                                  "pndm"),
                                     height=size, width=size)
-        sampling = Path(path if Path(path).is_dir() or config_dir is None else config_dir) / "sampling.json"
+        folder = path if Path(path).is_dir() or config_dir is None else config_dir
+        sampling = Path(folder) / "sampling.json"
         if sampling.is_file():
             try:
                 defaults = replace(defaults, **json.loads(sampling.read_text()))
             except (ValueError, TypeError) as e:
-                raise WeightsError(f"{sampling}: not a valid sampling.json ({e}); fix or delete it") from None
-        return cls(tokenizer, models["text_encoder"], models["unet"], models["vae"], scheduler_config, defaults)
+                raise WeightsError(f"{sampling}: not a valid sampling.json ({e}); "
+                                   "fix or delete it") from None
+        return cls(tokenizer, models["text_encoder"], models["unet"], models["vae"],
+                   scheduler_config, defaults)
 
     def save_pretrained(self, folder):
         """Write a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads too."""
@@ -148,40 +159,48 @@ class StableDiffusion:
         `torch.randn((n, C, H//f, W//f), generator=torch.Generator("cpu").manual_seed(s))`,
         so the same seed gives the same picture here and in diffusers.
 
-        `prompt` may be a list of texts and `seed` a list as long, one seed each: they are sampled in one
-        batch, (len * n, 3, H, W), each prompt's n images drawn exactly as that prompt alone with its seed.
+        `prompt` may be a list of texts and `seed` a list as long, one seed each: they are
+        sampled in one batch, (len * n, 3, H, W), each prompt's n images drawn exactly as that
+        prompt alone with its seed.
         """
         d = self.defaults
-        steps, guidance = d.steps if steps is None else steps, d.guidance if guidance is None else guidance
+        steps = d.steps if steps is None else steps
+        guidance = d.guidance if guidance is None else guidance
         height, width = d.height if height is None else height, d.width if width is None else width
         phi = d.guidance_rescale if guidance_rescale is None else guidance_rescale
         scheduler = scheduler or d.scheduler
         f = self.vae.config.downsample_factor
         if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of {f} (the VAE's downsampling), got {height}x{width}")
+            raise ValueError(f"height and width must be multiples of {f} (the VAE's downsampling), "
+                             f"got {height}x{width}")
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         if not 0 <= guidance < math.inf:
-            raise ValueError(f"guidance must be finite and >= 0 (1 or less turns guidance off), got {guidance}")
+            raise ValueError("guidance must be finite and >= 0 (1 or less turns guidance off), "
+                             f"got {guidance}")
         if not 0 <= phi <= 1:
             raise ValueError(f"guidance_rescale must be from 0 to 1, got {phi}")
         if eta and scheduler != "ddim":
             raise ValueError(f"eta={eta} is DDIM's noise level; the {scheduler} sampler has none: "
                              "sample with ddim, or leave eta at 0")
         if negative and guidance <= 1:
-            raise ValueError(f"a negative prompt is the unconditional branch of guidance, which guidance {guidance} "
+            raise ValueError("a negative prompt is the unconditional branch of guidance, which "
+                             f"guidance {guidance} "
                              f"turns off; give guidance > 1 or no negative prompt")
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps)
 
-        prompts, seeds = ([prompt], [seed]) if isinstance(prompt, str) else (list(prompt), list(seed))
+        prompts, seeds = (([prompt], [seed]) if isinstance(prompt, str)
+                          else (list(prompt), list(seed)))
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts need {len(prompts)} seeds, got {len(seeds)}")
         guided = guidance > 1.0  # as diffusers: guidance 1 (or less) means the prompt alone
         context = self.encode_prompt([negative] * len(prompts) + prompts if guided else prompts)
-        context = context.repeat_interleave(n, dim=0)  # [neg x P*n, prompt_1 x n, ..., prompt_P x n]
+        # [neg x P*n, prompt_1 x n, ..., prompt_P x n]
+        context = context.repeat_interleave(n, dim=0)
 
-        generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # one per prompt, also for steps
+        # one generator per prompt, for the initial noise and any step noise
+        generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         shape = (n, self.unet.config.in_channels, height // f, width // f)
         # z at timesteps[0] ~ N(0, I): pure noise only where that is T - 1 on a zero-terminal-SNR
         # schedule ("trailing" spacing, Lin et al. 2024, Sec. 3.3); SD's "leading" 75 starts at 963
@@ -199,8 +218,9 @@ class StableDiffusion:
             latents = sched.step(pred, t, latents, generator=generator, **step_kwargs)
         image = self.vae.decode(latents / self.vae.config.scaling_factor)  # (n, 3, H, W)
         if not torch.isfinite(image).all():  # it would be saved as a black picture
-            raise ValueError("the sample holds NaN or infinity: in fp16 most often an overflow (try --dtype "
-                             "fp32 or bf16); else damaged weights (re-download them) or far too large guidance")
+            raise ValueError("the sample holds NaN or infinity: in fp16 most often an overflow "
+                             "(try --dtype fp32 or bf16); else damaged weights (re-download "
+                             "them) or far too large guidance")
         return image.float().cpu()
 
 

@@ -71,10 +71,12 @@ class Sampler:
 
 def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
     """N(0, I) noise shaped like x, drawn on the generator's device (so a CPU generator gives the
-    same numbers for any x.device, as diffusers' `randn_tensor`) and moved to x's device. A list of
-    generators draws equal slices of the batch, one each (several prompts, each with its own seed)."""
+    same numbers for any x.device, as diffusers' `randn_tensor`) and moved to x's device. A list
+    of generators draws equal slices of the batch, one each (several prompts, each with its own
+    seed)."""
     if isinstance(generator, list):
-        return torch.cat([_randn_like(part, g) for part, g in zip(x.chunk(len(generator)), generator)])
+        parts = x.chunk(len(generator))
+        return torch.cat([_randn_like(part, g) for part, g in zip(parts, generator)])
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 

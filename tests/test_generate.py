@@ -61,7 +61,7 @@ def test_a_row_is_what_sample_py_gives_for_its_seed(tmp_path, scheduler):
     assert int(row["seed"]) == (3 * 2654435761 + 1) % 2**32
     sample.main([row["report"], "--seed", row["seed"], "--n", "2", "--steps", "2", "--scheduler", scheduler,
                  "--out", str(tmp_path / "alone")])
-    alone = np.asarray(Image.open(next((tmp_path / "alone").glob(f"*-{row['seed']}-1.png"))), dtype=int)
+    alone = np.asarray(Image.open(next((tmp_path / "alone").glob(f"*_seed{row['seed']}_img1.png"))), dtype=int)
     ours = np.asarray(Image.open(tmp_path / "gen" / row["image"]), dtype=int)
     assert ours.shape == alone.shape and np.abs(ours - alone).max() <= 1
 
