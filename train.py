@@ -105,7 +105,8 @@ def parse_args(argv=None):
       "encoder to read findings from their words, not one word order, and to pass over words it never saw "
       "(default 0: the reports as written, as in the paper)")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="autocast dtype; weights "
-      "stay fp32 (default auto: bf16 on CUDA as in the paper, fp32 on CPU); fp16 uses a gradient scaler")
+      "stay fp32 (default auto: bf16 on GPUs with native bf16 as in the paper, fp16 on older ones "
+      "such as V100/T4, fp32 on CPU); fp16 uses a gradient scaler")
     a("--gradient-checkpointing", action="store_true",
       help="recompute activations in the backward pass: less memory, slower")
     a("--cache-latents", action="store_true", help="keep each image's VAE posterior in memory after its first "
@@ -189,7 +190,7 @@ def train(args, device, world, rank):
     if micro < 1 or G % (micro * world):
         error(f"--batch-size {G} is not a multiple of --micro-batch-size {micro} x {world} processes")
     accumulation = G // (micro * world)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = args.precision if args.precision != "auto" else T.auto_precision(device)
     amp = AMP[precision]
     log = print if rank == 0 else (lambda *a: None)
 

@@ -205,10 +205,11 @@ class StableDiffusion:
         # z at timesteps[0] ~ N(0, I): pure noise only where that is T - 1 on a zero-terminal-SNR
         # schedule ("trailing" spacing, Lin et al. 2024, Sec. 3.3); SD's "leading" 75 starts at 963
         latents = torch.cat([torch.randn(shape, generator=g) for g in generator])
-        latents = latents.to(self.device, self.dtype)
+        latents = latents.to(self.device)  # fp32 in any model dtype: the sampler's sums need it
         for t in tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False):
             x = torch.cat([latents, latents]) if guided else latents  # (2n or n, 4, h, w)
-            pred = self.unet(x, t.to(self.device), context)  # noise, or v for a v-prediction model
+            # noise, or v for a v-prediction model; guided and stepped in fp32
+            pred = self.unet(x.to(self.dtype), t.to(self.device), context).float()
             if guided:
                 pred_neg, pred_prompt = pred.chunk(2)
                 pred = pred_neg + guidance * (pred_prompt - pred_neg)
@@ -216,7 +217,8 @@ class StableDiffusion:
                     pred = rescale_guidance(pred, pred_prompt, phi)
             step_kwargs = {"eta": eta} if eta else {}
             latents = sched.step(pred, t, latents, generator=generator, **step_kwargs)
-        image = self.vae.decode(latents / self.vae.config.scaling_factor)  # (n, 3, H, W)
+        image = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.dtype))
+        # (n, 3, H, W)
         if not torch.isfinite(image).all():  # it would be saved as a black picture
             raise ValueError("the sample holds NaN or infinity: in fp16 most often an overflow "
                              "(try --dtype fp32 or bf16); else damaged weights (re-download "

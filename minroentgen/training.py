@@ -284,6 +284,14 @@ class EMA:
             self.shadow[k].copy_(v)
 
 
+def auto_precision(device: torch.device) -> str:
+    """train.py's --precision auto: bf16 on GPUs that compute it natively (A100, H100, ...), fp16
+    with the gradient scaler on older ones (V100, T4), fp32 elsewhere."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
 def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
     """Multiplier of the base learning rate at (0-based) `step`: linear warm-up over `warmup` steps,
     then constant, or a half cosine down to 0 at `max_steps` (Loshchilov & Hutter 2017, SGDR,

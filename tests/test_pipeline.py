@@ -253,3 +253,23 @@ def test_embedded_default_samples_without_flags(tmp_path):
     sample.main(["small left pleural effusion", "--steps", "3", "--out", str(tmp_path)])
     image = Image.open(tmp_path / "small-left-pleural-effusion_seed0_img0.png")
     assert image.mode == "L" and image.size == (128, 128) and np.asarray(image).std() > 5
+
+
+def test_reduced_precision_keeps_latents_and_sampler_in_fp32(sources, monkeypatch):
+    """The UNet and VAE may run in bf16; the latents and every sampler step stay fp32."""
+    from minroentgen import pipeline
+    from minroentgen.pipeline import StableDiffusion
+
+    dtypes, make = [], pipeline.make_scheduler
+
+    def recording(name, config):
+        sampler = make(name, config)
+        step = sampler.step
+        sampler.step = lambda pred, t, sample, **kw: (dtypes.append((pred.dtype, sample.dtype)),
+                                                      step(pred, t, sample, **kw))[1]
+        return sampler
+    monkeypatch.setattr(pipeline, "make_scheduler", recording)
+    sd = StableDiffusion.from_pretrained(sources[1] / "safetensors", dtype=torch.bfloat16)
+    assert sd.unet.conv_in.weight.dtype == torch.bfloat16
+    sd("x", steps=3, scheduler="ddim", progress=False, height=32, width=32)
+    assert dtypes == [(torch.float32, torch.float32)] * 3

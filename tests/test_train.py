@@ -403,3 +403,13 @@ def test_bad_input_gets_a_one_line_error(extra, says, data, tmp_path, capsys):
         train.main([*argv, "--out", str(tmp_path / "out"), "--num-workers", "0"])
     message = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("train.py: error: ") and says in message and "\n" not in message
+
+
+def test_auto_precision_is_fp16_where_a_gpu_lacks_bf16(monkeypatch):
+    """V100/T4 have no native bf16: --precision auto must not pick it there."""
+    support = {}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: support["bf16"])
+    assert training.auto_precision(torch.device("cpu")) == "fp32"
+    for native, expected in ((True, "bf16"), (False, "fp16")):
+        support["bf16"] = native
+        assert training.auto_precision(torch.device("cuda")) == expected
