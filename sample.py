@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--scheduler", choices=["pndm", "ddim", "ddpm"],
                    help="sampler (default: the weights' scheduler, else pndm as in the paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise; the same seed gives the same "
-                   "image here and in diffusers (default 0)")
+                   "image here and in diffusers (default 0). torch's CPU generator uses the seed's low 32 bits, "
+                   "so seeds that differ by a multiple of 2**32 give the same image")
     p.add_argument("--negative", default="", help="negative prompt, the unconditional branch of guidance (default: empty)")
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 for SD (default: the model's size)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's size)")
