@@ -210,8 +210,8 @@ def openclip_to_clip(sd: dict, source: str) -> dict:
 
 def clip_to_openclip(sd: dict) -> dict:
     """The way back, for writing SD 2.x single files: the block SD 2 skips is written as a copy
-    of the last one, and the image-text head as identity and CLIP's initial logit scale."""
-    sd = text_model_prefixed(sd)
+    of the last one, and the image-text head as identity and CLIP's initial logit scale. `sd` has
+    the `text_model.` prefix (`text_model_prefixed`)."""
     n = count(sd, "text_model.encoder.layers.")
     back = {d: o for o, d in OPENCLIP_TOP}
     back |= {f"text_model.encoder.layers.{i}.{d}": f"transformer.resblocks.{i}.{o}"
