@@ -31,9 +31,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from minroentgen.data import clean, read_rows
+from minroentgen.data import read_rows
 from minroentgen.phantoms.judge import load_prompts
 from minroentgen.pipeline import StableDiffusion, to_grayscale_uint8
+from minroentgen.report_text import clean
 from minroentgen.weights import WeightsError, written_atomically
 from sample import DEFAULT_WEIGHTS, DTYPES, pick_device
 

@@ -13,6 +13,7 @@ Read it in the order the data flows, each file next to its paper:
     7. pipeline.py        prompt -> image               guidance (Ho & Salimans 2022, eq. 6)
     8. training.py        the fine-tuning objective     DDPM Alg. 1, LDM Eq. 3; RoentGen's Methods
        data.py            image-report pairs            MIMIC-CXR, Open-I, CSV/JSONL
+       report_text.py     a report's impression         MIMIC-CXR's section parser
     9. metrics.py         FID, MS-SSIM                  Heusel et al. 2017; Wang et al. 2003
 
 Plumbing, to read when needed: configs.py (the config.json of each model, as dataclasses),

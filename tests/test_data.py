@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minroentgen.data import (ImageReportDataset, Pair, default_workers, extract_impression, load_image,
-                              openi_report, read_pairs, read_views, report_sections)
+from minroentgen.data import (ImageReportDataset, Pair, default_workers, load_image, openi_report,
+                              read_pairs, read_views)
+from minroentgen.report_text import extract_impression, report_sections
 
 # ----------------------------------------------------------------------------- report texts
 
