@@ -81,6 +81,8 @@ def parse_args(argv=None):
       "accumulation, batch = micro x accumulation x processes (default: batch / processes)")
     a("--resolution", type=int, default=512, help="image side in pixels (default 512, the paper's)")
     a("--train-text-encoder", action="store_true", help="train the CLIP text encoder too (the paper's best variants)")
+    a("--freeze-unet", action="store_true", help="with --train-text-encoder: train only the text encoder, the "
+      "UNet frozen (the paper's text-encoder-only variant; experiments/finetune_parts.py)")
     a("--lr", type=float, default=1e-5, help="peak AdamW learning rate (default 1e-5: RoentGen-v2's published "
       "recipe; the v1 paper does not publish its learning rate)")
     a("--lr-schedule", choices=["cosine", "constant"], default="cosine",
@@ -130,6 +132,8 @@ def parse_args(argv=None):
         p.error("give exactly one of --weights PATH (e.g. SD v1.4) and --init PRESET (random weights)")
     if args.vae is not None and not args.init:
         p.error("--vae replaces the random VAE of --init PRESET; --weights and --resume bring their own VAE")
+    if args.freeze_unet and not args.train_text_encoder:
+        p.error("--freeze-unet trains only the text encoder: give --train-text-encoder too")
     if args.val_steps > 1000:
         p.error(f"--val-steps must be at most 1000 (the training timesteps), got {args.val_steps}")
     for flag in ("out", "vae", "resume", "weights", "config"):
@@ -217,7 +221,7 @@ def train(args, device, world, rank):
             sd.defaults = replace(sd.defaults, scheduler="ddim")
 
     # Train the UNet (and the text encoder); the VAE stays frozen (LDM Sec. 3.3, RoentGen).
-    trained = [sd.unet] + ([sd.text_encoder] if args.train_text_encoder else [])
+    trained = ([] if args.freeze_unet else [sd.unet]) + ([sd.text_encoder] if args.train_text_encoder else [])
     for m in trained:
         m.train().requires_grad_(True)
         m.gradient_checkpointing = args.gradient_checkpointing
@@ -240,7 +244,7 @@ def train(args, device, world, rank):
             if ema is not None:
                 ema.load_state_dict(ema_state if ema_state is not None else {})
         except ValueError as e:
-            error(f"--resume: {resume} does not fit this run ({e}); use the same --train-text-encoder and --ema-decay")
+            error(f"--resume: {resume} does not fit this run ({e}); use the same --train-text-encoder, --freeze-unet and --ema-decay")
         scaler.load_state_dict(state["scaler"])
         start = state["step"]
         log(f"resuming from {resume} at step {start}")

@@ -121,6 +121,13 @@ def test_vae_and_untrained_text_encoder_never_change(trained, data, tmp_path):
     assert max_diff(tensors(tmp_path / "final", "vae"), start.vae.state_dict()) == 0
 
 
+def test_freeze_unet_trains_only_the_text_encoder(data, tmp_path):
+    start = training.random_model("tiny", 32, seed=0)
+    run(data, tmp_path, "--max-steps", "3", "--train-text-encoder", "--freeze-unet", "--ema-decay", "0")
+    assert max_diff(tensors(tmp_path / "final", "text_encoder"), start.text_encoder.state_dict()) > 1e-4
+    assert max_diff(tensors(tmp_path / "final"), start.unet.state_dict()) == 0
+
+
 def test_ctrl_c_then_resume_gives_the_uninterrupted_losses_and_weights(data, tmp_path, monkeypatch):
     extra = ["--max-steps", "6", "--save-every", "100", "--text-dropout", "0.5", "--train-text-encoder"]
     whole = run(data, tmp_path / "whole", *extra)
@@ -393,6 +400,7 @@ def test_lr_schedule_and_ema():
     (["--data", "DATA", "--weights", ""], "exactly one of --weights"),
     (["--data", "DATA", "--init", "tiny", "--val-steps", "5000"], "--val-steps must be at most 1000"),
     (["--data", "DATA", "--init", "tiny", "--seed", "-1"], "--seed must be from 0"),
+    (["--data", "DATA", "--init", "tiny", "--freeze-unet"], "give --train-text-encoder too"),
     (["--data", "DATA", "--init", "tiny", "--text-augment", "1.5"], "--text-augment is a probability: it must be in [0, 1], got 1.5"),
 ])
 def test_bad_input_gets_a_one_line_error(extra, says, data, tmp_path, capsys):

@@ -158,12 +158,23 @@ def train(steps: int = 2500, n: int = 12000, batch: int = 64, seed: int = SEED, 
     print(f"generated {n} phantoms in {time.time() - t0:.0f} s")
     x, t = to_tensor(images), targets(labels)
     model = PhantomReader()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
+    fit(model, x, t, steps, batch, g, log_every=100)
+    refit_devices(model.eval(), x, t["devices"], g)
+    save(model, out)
+    return model
+
+
+def fit(model: PhantomReader, x: torch.Tensor, t: dict, steps: int, batch: int, g: torch.Generator,
+        lr: float = 3e-3, log_every: int = 0) -> PhantomReader:
+    """AdamW with a one-cycle learning rate on images x (N, 1, 128, 128) and targets t, each batch
+    drawn with replacement and augmented: exposure jitter, a shift of up to 4 pixels, half blurred."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
+    t0 = time.time()
     for step in range(steps):
-        idx = torch.randint(n, (batch,), generator=g)
+        idx = torch.randint(len(x), (batch,), generator=g)
         xb = x[idx]
         xb = xb * (0.9 + 0.2 * torch.rand(batch, 1, 1, 1, generator=g))  # exposure jitter
         xb = torch.roll(xb, tuple(torch.randint(-4, 5, (2,), generator=g).tolist()), dims=(2, 3))  # small shift
@@ -174,14 +185,13 @@ def train(steps: int = 2500, n: int = 12000, batch: int = 64, seed: int = SEED, 
         loss.backward()
         opt.step()
         sched.step()
-        if step % 100 == 0 or step == steps - 1:
+        if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
-    refit_devices(model.eval(), x, t["devices"], g)
-    save(model, out)
-    return model
+    return model.eval()
 
 
-def refit_devices(model: PhantomReader, x: torch.Tensor, devices: torch.Tensor, g: torch.Generator, steps: int = 500):
+def refit_devices(model: PhantomReader, x: torch.Tensor, devices: torch.Tensor, g: torch.Generator,
+                  steps: int = 500, verbose: bool = True):
     """Refit the output rows of the device heads on every phantom, with devices or without, the body frozen.
 
     Trained only where devices are present, they needed the support-devices head to say whether any are,
@@ -200,7 +210,8 @@ def refit_devices(model: PhantomReader, x: torch.Tensor, devices: torch.Tensor, 
         opt.step()
     with torch.no_grad():
         model.head.weight[rows], model.head.bias[rows] = w, b
-    print(f"device heads refitted on all {len(x)} phantoms: loss {loss.item():.4f}")
+    if verbose:
+        print(f"device heads refitted on all {len(x)} phantoms: loss {loss.item():.4f}")
 
 
 def save(model: PhantomReader, path: Path):
