@@ -1,5 +1,6 @@
 """Phantoms: determinism, laterality and location of each finding on pixels, reports vs labels, files, CLI."""
 import csv
+import hashlib
 import json
 import re
 import subprocess
@@ -130,6 +131,17 @@ def test_cli(tmp_path):
     r = subprocess.run(run + ["--n", "2", "--size", "600", "--out", str(tmp_path / "e")], capture_output=True, text=True)
     assert r.returncode != 0 and "from 64 to 512" in r.stderr
     assert "--workers" in subprocess.run(run + ["--help"], capture_output=True, text=True).stdout
+    r = subprocess.run(run + ["--n", "3", "--size", "64", "--out", str(tmp_path / "f"), "--workers",
+                              "1", "--reports", "2", "--style", "clinical"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "f" / "reports.csv", newline="")))
+    assert len(rows) == 6
+    assert [r["report"] for r in rows[::2]] == [P.make(0, k, 64, "clinical").report
+                                                for k in range(3)]
+    r = subprocess.run(run + ["--n", "2", "--out", str(tmp_path / "g"), "--style", "modern"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice: 'modern'" in r.stderr
 
 
 def test_render_speed():
@@ -226,57 +238,216 @@ def test_support_devices_where_expected():
 
 # ----------------------------------------------------------------------------- reports
 
-WORDS = {"pleural_effusion": "effusion|fluid", "pneumothorax": "pneumothorax",
-         "cardiomegaly": "cardiomegaly|heart|cardiac", "consolidation": "consolidation|opaci|airspace|pneumonia|infiltrate",
-         "edema": "edema", "nodule": "nodul",
-         "endotracheal_tube": "endotracheal|ET tube|ETT", "central_venous_line": "central|CVC", "pacemaker": "pacemaker|pacer"}
-
-
+# What names each finding in an affirmed clause or a negated one: the classic words and the clinical
+# synonyms ("airspace disease", "pleural air", "AICD", "PICC"); an opacity that is nodular, rounded
+# or perihilar is not consolidation.
+MENTION = {
+    "pleural_effusion": r"effusion|pleural fluid|fluid collection",
+    "pneumothorax": r"pneumothorax|pleural air",
+    "cardiomegaly": r"cardiomegaly|enlarge|heart size|cardiac silhouette",
+    "consolidation": r"consolidat|airspace|infiltrat|pneumonia"
+                     r"|(?<!nodular )(?<!rounded )(?<!perihilar )opacit",
+    "edema": r"edema|\bchf\b|fluid overload|vascular congestion",
+    "nodule": r"nodul|\bmass(es)?\b|granuloma",
+    "endotracheal_tube": r"endotracheal|\bet tube|\bett\b|intubat",
+    "central_venous_line": r"central|\bcvc\b|picc|catheter|jugular|\bij\b",
+    "pacemaker": r"pacemaker|pacer|\bicd\b|aicd|defibrillator|cardiac device"}
 SIZE_WORDS = {"small": "small|tiny|trace|minimal|subcentimeter|mm", "moderate": "moderate|medium",
-              "large": "large|sizable|massive|cm"}
+              "large": r"large|sizable|massive|cm|\bmass\b(?!-)"}  # Fleischner: a mass is > 3 cm
+PLACE = {"upper": "upper|apex|apical", "lower": "lower|base|basilar"}  # a lobe, apex or base
+BOTH = "bilateral|both|left and right|right and left"
+NEGATED = r"^(no|negative|without)\b|\bnot\b|\bnormal\b|\bclear\b|unremarkable"  # whole sentence
+ALL_NORMAL = [re.sub(r"[^a-z ]", "", s.lower()) for s in PR.NORMAL + PR.CLINICAL_NORMAL]
 
 
-def sentences(report):
-    """The report's sentences, shorthand spelled out ("R PTX" = right pneumothorax, "LLL" = left lower lobe)."""
-    report = re.sub(r"^IMPRESSION: |^Impression: ", "", report).replace("PTX", "pneumothorax")
-    report = re.sub(r"\b([RL])([UL])L\b", lambda m: f"{m[1]} {dict(U='upper', L='lower')[m[2]]} lobe", report)
-    report = re.sub(r"\b[RL]\b", lambda m: dict(R="right", L="left")[m[0]], report)
-    return [s.strip() + "." for s in report.split(".") if s.strip()]
+def clauses(report):
+    """(affirmed, negated) clauses of a report, lower case, shorthand spelled out ("R PTX" = right
+    pneumothorax, "LLL" = left lower lobe), numbering and "Comparison XXXX." dropped; a sentence
+    after "without", ", no" or "; no" is negated from there on."""
+    text = re.sub(r"^impression: |^comparison xxxx\. ", "", report.lower())
+    text = re.sub(r"\b([rl])([ul])l\b", lambda m: f"{dict(r='right', l='left')[m[1]]} "
+                  f"{dict(u='upper', l='lower')[m[2]]} lobe", text.replace("ptx", "pneumothorax"))
+    text = re.sub(r"\b[rl]\b", lambda m: dict(r="right", l="left")[m[0]], text)
+    affirmed, negated = [], []
+    for s in (s.strip() for s in re.split(r"[.;]", text)):
+        if not s or s.isdigit():  # "1. No pneumothorax." splits into "1" and "No pneumothorax"
+            continue
+        cut = re.search(r",? (without|no)\b", s)
+        if re.search(NEGATED, s):
+            negated.append(s)
+        elif cut:
+            affirmed.append(s[: cut.start()])
+            negated.append(s[cut.end():])
+        else:
+            affirmed.append(s)
+    return affirmed, negated
 
 
-def test_reports_never_contradict_labels():
+def check_report(labels, report):
+    """A report states every finding present (its side, size and zone; a finding with a side never
+    named with the other), negates only absent ones, affirms no absent one, calls only a large
+    nodule a mass, and has a normal statement exactly when nothing but devices is present."""
+    affirmed, negated = clauses(report)
+    present = {k: ({} if n == "support_devices" else a) for n, a in labels.items()
+               for k in (a["devices"] if n == "support_devices" else [n])}
+    for name, pattern in MENTION.items():
+        said = [s for s in (negated if name in present else affirmed) if re.search(pattern, s)]
+        assert not said, (name, "negated" if name in present else "absent yet said", labels, report)
+    if any(re.search(r"\bmass\b(?!-)", s) for s in affirmed):
+        assert labels.get("nodule", {}).get("size") == "large", (labels, report)
+    normal = any(n in re.sub(r"[^a-z ]", "", s) for s in negated for n in ALL_NORMAL)
+    assert normal == (not set(labels) - {"support_devices"}), (labels, report)
+    for name, attrs in present.items():
+        hits = [s for s in affirmed if re.search(MENTION[name], s)]
+        assert hits, (name, labels, report)
+        side, level = attrs["zone"].split() if "zone" in attrs else (attrs.get("side", ""), "")
+        want = [BOTH if side == "bilateral" else side, SIZE_WORDS.get(attrs.get("size")),
+                PLACE.get(level)]
+        assert any(all(re.search(w, s) for w in want if w) for s in hits), (name, labels, report)
+        if side in ("left", "right"):  # each clause naming it names its side, never the other
+            wrong = "right" if side == "left" else "left"
+            assert all(side in s and wrong not in s for s in hits), (name, labels, report)
+
+
+@pytest.mark.parametrize("style", PR.STYLES)
+def test_reports_never_contradict_labels(style):
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(4000):
         labels = P.sample_labels(rng)
-        report = PR.write_report(labels, rng)
+        report = PR.write_report(labels, rng, style)
         seen.add(report)
-        sents = sentences(report)
-        negated = [s for s in sents if s.startswith("No ") or "normal" in s or "clear" in s]
-        for s in negated:
-            for name in labels:
-                if name != "support_devices":
-                    assert not re.search(WORDS[name], s, re.I), (labels, report)
-        disease = set(labels) - {"support_devices"}
-        if any(s in report for s in PR.NORMAL):
-            assert not disease, (labels, report)
-        if not labels:
-            assert any(s in report for s in PR.NORMAL), report
-        for name, attrs in labels.items():
-            keys = attrs["devices"] if name == "support_devices" else [name]
-            for key in keys:
-                hits = [s for s in sents if re.search(WORDS[key], s, re.I) and s not in negated]
-                assert hits, (labels, report)
-                side = attrs.get("side", "")
-                both = "bilateral|both|left and right|right and left"
-                place = {"upper": "upper|apex", "lower": "lower|base"}  # a zone is a lobe or the apex/base
-                want = [place.get(w, w) for w in (side if side != "bilateral" else both, SIZE_WORDS.get(attrs.get("size")),
-                                                  *attrs.get("zone", "").split()) if w]
-                assert any(all(re.search(w, s, re.I) for w in want) for s in hits), (labels, report)
-                if side in ("left", "right"):  # every sentence naming the finding names its side, never the other
-                    wrong = "right" if side == "left" else "left"
-                    assert all(re.search(side, s, re.I) and not re.search(wrong, s, re.I) for s in hits), report
-    assert len(seen) > 1500  # paraphrase and order variety
+        check_report(labels, report)
+    assert len(seen) > 2500  # paraphrase and order variety
+
+
+def test_the_check_catches_contradictions():
+    """check_report itself: each kind of contradiction it is there for fails it."""
+    left = {"pleural_effusion": {"side": "left", "size": "small"}}
+    check_report(left, "1. No pneumothorax. 2. Small left effusion")
+    for labels, bad in [
+            (left, "No pneumothorax. Small right effusion."), (left, "Moderate left effusion."),
+            (left, "Small left effusion. No effusion"), (left, "small left effusion, no effusion"),
+            (left, "Small left effusion. Pneumothorax"), (left, "Small left effusion. RLL opacity"),
+            (left, "Small left effusion. No acute disease."), ({}, "No pneumothorax."),
+            (left, "Small left effusion. Left effusion is not seen."), (left, "NO PNEUMOTHORAX."),
+            ({"nodule": {"zone": "left upper", "size": "small"}}, "Small left upper lobe mass."),
+            ({"nodule": {"zone": "left upper", "size": "large"}}, "Left lower lobe mass."),
+            ({"support_devices": {"devices": ["pacemaker"]}}, "No acute disease. PICC in place.")]:
+        with pytest.raises(AssertionError):
+            check_report(labels, bad)
+
+
+def clinical_reports(n=3000, seed=1):
+    rng = np.random.default_rng(seed)
+    labels = [P.sample_labels(rng) for _ in range(n)]
+    return [(lab, PR.write_report(lab, rng, "clinical")) for lab in labels]
+
+
+# What the clinical style is for (issue 30): each construction and synonym group, in 3000 reports.
+CLINICAL = {
+    "numbered, 3+ items": r"^(comparison XXXX\. )?1\. .+ 2\. .+ 3\. ",
+    "no X or Y": r"\bno [a-z ]+ or [a-z]", "no X, Y or Z": r"\bno [a-z ]+, [a-z ]+,? or [a-z]",
+    "no evidence of": "no evidence of", "negative for": "negative for", "not seen": "is not seen",
+    "without": r"\w without (?!evidence of tension)", "mass": r"\bmass\b(?!-)",
+    "nodular opacity": "nodular opacity", "pulmonary nodule": "pulmonary nodule",
+    "airspace disease": "airspace disease", "airspace opacity": "airspace opacity",
+    "infiltrate": "infiltrate", "basilar": r"(left|right) basilar (airspace|opacity|consol)",
+    "hedged pneumonia": "possibly pneumonia|may represent pneumonia",
+    "interstitial edema": "interstitial edema", "alveolar": "alveolar edema",
+    "vascular congestion": "pulmonary vascular congestion with interstitial edema",
+    "fluid overload": "fluid overload", "CHF": r"\bchf\b",
+    "enlarged silhouette": "enlarged cardiac silhouette", "mild cardiomegaly": "mild cardiomegaly",
+    "heart size enlarged": r"heart size is (mildly )?enlarged", "enlargement": "cardiac enl",
+    "AICD": r"\baicd\b", "ICD": r"(?<!a)\bicd\b", "defibrillator": "defibrillator",
+    "dual-lead pacemaker": "dual-lead pacemaker", "pacer": r"\bpacer\b", "device": "cardiac dev",
+    "PICC": r"\bpicc\b", "PICC line": "picc line", "right IJ central line": "right ij central line",
+    "dialysis catheter": "dialysis catheter", "tip in SVC": r"catheter (with )?tip in the svc",
+    "ETT cm above carina": r"tip \d cm above the carina", "ETT satisfactory": "ett in satisfactory",
+    "pleural fluid": "pleural fluid", "apical pneumothorax": "apical pneumothorax",
+    "costophrenic blunting": "blunting of (the (left|right)|both) costophrenic angle",
+    "pleural air": "pleural air", "Comparison XXXX": r"^comparison XXXX\.",
+    "since XXXX": "since XXXX", "from XXXX": "unchanged from XXXX", "XXXX device": "XXXX catheter",
+    "likely": r"\blikely\b", "may represent": "may represent", "compatible with": "compatible with",
+    "interval improvement": "interval improvement", "new vs prior": "new compared with the prior",
+    "RLL": r"\b[RL][UL]L\b", "lower case": "^[^A-Z]*$", "upper case": "^[^a-z]*$",
+    "no final period": r"[^.]$",
+}
+
+
+def test_clinical_style_has_every_construction():
+    reports = [r for _, r in clinical_reports()]
+    cased = ("RLL", "lower case", "upper case")
+    missing = [k for k, w in CLINICAL.items()
+               if not any(re.search(w, r, 0 if k in cased else re.I) for r in reports)]
+    assert not missing, missing
+
+
+def test_clinical_negatives_come_first_and_findings_later_in_numbered_items():
+    """"No pneumothorax. Small left effusion.": a negated first sentence (or item 1), then more."""
+    first = [r for labels, r in clinical_reports() if set(labels) - {"support_devices"}
+             and re.match(r"(comparison xxxx\. )?(1\. )?(no|negative)\b", r, re.I)]
+    assert len(first) > 300
+    assert sum(bool(re.match(r"(comparison xxxx\. )?1\. ", r, re.I)) for r in first) > 20
+
+
+def test_clinical_xxxx_never_stands_for_a_finding_word():
+    """De-identification tokens only where real reports have them and a finding loses no word:
+    the comparison's date, "unchanged from XXXX", "stable since XXXX", "XXXX catheter"."""
+    reports = [r for _, r in clinical_reports()]
+    assert sum("XXXX" in r for r in reports) > 300
+    for r in reports:
+        assert "XXXX" not in re.sub(r"comparison XXXX|(from|since) XXXX|XXXX catheter", "", r,
+                                    flags=re.I), r
+
+
+def test_mixed_is_classic_or_clinical_with_probability_one_half():
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    coins = []
+    for _ in range(400):
+        labels = P.sample_labels(a)
+        assert labels == P.sample_labels(b)
+        coins.append(b.random() < 0.5)
+        expected = PR.write_report(labels, b, "classic" if coins[-1] else "clinical")
+        assert PR.write_report(labels, a, "mixed") == expected
+    assert 160 < sum(coins) < 240
+    with pytest.raises(ValueError, match="one of"):
+        PR.write_report({}, a, "modern")
+
+
+# sha256 of the classic writer's output before issue 30 (main at a66ef82): write_report of 200
+# sample_labels from default_rng(30), sharing the rng, joined by newlines; and the reports.csv of
+# write_dataset(n=10, size=64, seed=5, reports=3). Data sets and the committed weights' recipes
+# depend on these bytes: if this fails, the classic style changed; put the change in another style.
+CLASSIC_SHA256 = {"reports": "dde8db012cd79a6a360eca5747a6b4f9490f685850cf7c4d1c692c5461884d13",
+                  "csv": "e68e350d3f6428c9e2f4686d90b8f350f32fdf1ae10ab18fece901ad7af39e90"}
+
+
+def test_classic_style_is_byte_identical_to_before(tmp_path):
+    rng, again = np.random.default_rng(30), np.random.default_rng(30)
+    texts = []
+    for _ in range(200):
+        texts.append(PR.write_report(P.sample_labels(rng), rng))
+        assert PR.write_report(P.sample_labels(again), again, "classic") == texts[-1]
+    assert hashlib.sha256("\n".join(texts).encode()).hexdigest() == CLASSIC_SHA256["reports"]
+    P.write_dataset(tmp_path / "d", 10, 64, seed=5, workers=1, reports=3)
+    csv_bytes = (tmp_path / "d" / "reports.csv").read_bytes()
+    assert hashlib.sha256(csv_bytes).hexdigest() == CLASSIC_SHA256["csv"]
+
+
+def test_styles_change_only_the_reports(tmp_path):
+    P.write_dataset(tmp_path / "classic", 6, 64, seed=2, workers=1, reports=2)
+    P.write_dataset(tmp_path / "clinical", 6, 64, seed=2, workers=2, reports=2, style="clinical")
+    a, b = read_tree(tmp_path / "classic"), read_tree(tmp_path / "clinical")
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a if k.endswith(".png"))
+    rows = [list(csv.DictReader(open(tmp_path / d / "reports.csv", newline="")))
+            for d in ("classic", "clinical")]
+    assert [r["labels"] for r in rows[0]] == [r["labels"] for r in rows[1]]
+    assert all(x["report"] != y["report"] for x, y in zip(*rows))
+    for r in rows[1]:
+        check_report(json.loads(r["labels"]), r["report"])
+    with pytest.raises(ValueError, match="one of"):
+        P.write_dataset(tmp_path / "bad", 2, 64, style="modern")
 
 
 def test_report_variety_for_one_label_set():
@@ -287,8 +458,16 @@ def test_report_variety_for_one_label_set():
     assert len(firsts) >= 4 and any("costophrenic" in r for r in reports)
     normals = {PR.write_report({}, rng) for _ in range(200)}
     assert sum(any(n in r for r in normals) for n in PR.NORMAL) >= 4
+    clinical = {PR.write_report(labels, rng, "clinical") for _ in range(200)}
+    assert len(clinical) > 150 and any("costophrenic" in r for r in clinical)
 
 
 def test_no_template_written_twice():
-    for name, options in [*PR.SAY.items(), *PR.NEGATE.items(), ("normal", PR.NORMAL)]:
+    tables = [*PR.SAY.items(), *PR.NEGATE.items(), ("normal", PR.NORMAL), *PR.CLINICAL_NP.items(),
+              *PR.CLINICAL_SAY.items(), *PR.CLINICAL_DEVICE_NP.items(),
+              *PR.CLINICAL_DEVICE_SAY.items(), *PR.NEG_NOUNS.items(),
+              ("clinical normal", PR.CLINICAL_NORMAL), ("otherwise", PR.OTHERWISE),
+              ("device frames", PR.DEVICE_FRAMES), ("neg one", PR.NEG_ONE),
+              ("heart", PR.NORMAL_HEART)]
+    for name, options in tables:
         assert len(set(options)) == len(options), name

@@ -5,10 +5,9 @@ checks its text-to-image models on pictures whose labels say exactly what they s
 
     anatomy.py   patient, pixel grid in patient coordinates, lungs, vessels, bones
     findings.py  one drawing function per finding (effusion, pneumothorax, nodule, devices, ...)
-    reports.py   the report writer: labels -> an impression in many phrasings
+    reports.py   the report writer: labels -> an impression in many phrasings, in three styles
     phantom.py   labels, render, the data set writer (`python -m minroentgen.phantoms --out DIR`)
     reader.py    a small CNN that reads findings off a phantom: the radiologist of the evaluation
     judge.py     text control: prompts, samples, what the reader sees, FID and MS-SSIM per group
-    openi.py     real Open-I impressions with labels from their MeSH terms: a benchmark of real words
     openi.py     real Open-I impressions with phantom labels from their MeSH terms (a benchmark)
 """

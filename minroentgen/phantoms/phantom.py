@@ -9,6 +9,7 @@ map D (soft tissue ~1, aerated lung ~0.3, bone and metal more) turned into brigh
 1 - exp(-k D). Bright = dense (bone, heart, fluid); dark = air.
 
     python -m minroentgen.phantoms --n 10000 --size 256 --out data/phantoms --seed 0
+    python -m minroentgen.phantoms --n 10000 --out data/phantoms_mixed --reports 2 --style mixed
     python -m minroentgen.phantoms --grid docs/phantoms.png
 """
 import argparse
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from .anatomy import SIDE_SIGN, Grid, branch, dome, lung_level, sample_patient, soft
 from .findings import FIND, Layers
-from .reports import write_report
+from .reports import STYLES, write_report
 
 ZONES = ("right upper", "right lower", "left upper", "left lower")
 DEVICES = ("endotracheal_tube", "central_venous_line", "pacemaker")
@@ -144,11 +145,12 @@ class Phantom:
     labels: dict
 
 
-def make(seed: int, index: int, size: int = 256) -> Phantom:
-    """Phantom number `index` of data set `seed`: independent of every other index."""
+def make(seed: int, index: int, size: int = 256, style: str = "classic") -> Phantom:
+    """Phantom number `index` of data set `seed`: independent of every other index; its labels and
+    image do not depend on the report `style` (reports.STYLES)."""
     r_labels, r_image, r_report = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(3))
     labels = sample_labels(r_labels)
-    return Phantom(render(labels, size, r_image), write_report(labels, r_report), labels)
+    return Phantom(render(labels, size, r_image), write_report(labels, r_report, style), labels)
 
 
 def generate(n: int, size: int = 256, seed: int = 0):
@@ -159,19 +161,24 @@ def generate(n: int, size: int = 256, seed: int = 0):
 
 
 def _write_one(job):
-    out, name, seed, k, size, reports = job
-    ph = make(seed, k, size)
+    out, name, seed, k, size, reports, style = job
+    ph = make(seed, k, size, style)
     Image.fromarray(ph.image).save(out / name)
     more = np.random.default_rng([seed, k, 1])  # the further reports of one study: a stream of their own
-    texts = [ph.report] + [write_report(ph.labels, more) for _ in range(reports - 1)]
+    texts = [ph.report] + [write_report(ph.labels, more, style) for _ in range(reports - 1)]
     return [(name, text, json.dumps(ph.labels)) for text in texts]
 
 
-def write_dataset(out: Path, n: int, size: int = 256, seed: int = 0, workers: int = 1, reports: int = 1):
+def write_dataset(out: Path, n: int, size: int = 256, seed: int = 0, workers: int = 1,
+                  reports: int = 1, style: str = "classic"):
     """PNGs in out/images and out/reports.csv (image relative to the CSV, report, labels as JSON), with
     `reports` rows per image, each its own wording of the same labels (as if several radiologists read
-    the study; the first is make()'s). Byte-identical for given arguments, whatever the number of workers."""
+    the study; the first is make()'s) in the report `style` (reports.write_report; images and
+    labels do not depend on it). Byte-identical for given arguments, whatever the number of
+    workers."""
     check_size(size)
+    if style not in STYLES:
+        raise ValueError(f"report style must be one of {STYLES}, got {style!r}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
@@ -179,7 +186,7 @@ def write_dataset(out: Path, n: int, size: int = 256, seed: int = 0, workers: in
         raise ValueError(f"{out} already holds a data set (reports.csv); give a new --out, or delete it first")
     (out / "images").mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(n - 1)))
-    jobs = [(out, f"images/{k:0{width}d}.png", seed, k, size, reports) for k in range(n)]
+    jobs = [(out, f"images/{k:0{width}d}.png", seed, k, size, reports, style) for k in range(n)]
     with open(out / "reports.csv", "w", newline="") as f, \
             (multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
         writer = csv.writer(f, lineterminator="\n")
@@ -234,6 +241,14 @@ def main(argv=None):
                     help="processes rendering in parallel; does not change the output (default: all cores)")
     ap.add_argument("--reports", type=int, default=1, metavar="K",
                     help="rows per image, each a different report of the same findings (default 1)")
+    ap.add_argument("--style", choices=STYLES, default="classic",
+                    help="the reports' wording: classic = the phrasing of every data set written "
+                         "before issue 30 (the same bytes as before); clinical = only real "
+                         "radiologists' constructions (negation lists, numbered impressions, "
+                         "synonyms such as 'airspace disease', 'AICD', 'PICC', XXXX "
+                         "de-identification tokens, hedges, comparisons, lower/upper case); "
+                         "mixed = each report either, with probability 1/2. Images and labels are "
+                         "the same for every style (default classic)")
     ap.add_argument("--grid", type=Path, metavar="PATH", help="write the labelled grid of findings to PATH instead")
     a = ap.parse_args(argv)
     try:
@@ -244,7 +259,7 @@ def main(argv=None):
         elif a.n < 1 or a.seed < 0 or a.workers < 1 or a.reports < 1:
             ap.error("--n, --workers and --reports must be >= 1 and --seed >= 0")
         else:
-            write_dataset(a.out, a.n, a.size, a.seed, a.workers, a.reports)
+            write_dataset(a.out, a.n, a.size, a.seed, a.workers, a.reports, a.style)
     except ValueError as e:
         sys.exit(f"{ap.prog}: error: {e}")
 
