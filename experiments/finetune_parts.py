@@ -23,17 +23,28 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from minroentgen.phantoms import judge as E
 from minroentgen.phantoms import openi
 from minroentgen.phantoms import reader as R
+from minroentgen.phantoms import reports as PR
 from minroentgen.pipeline import StableDiffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"start": None, "unet": [], "text": ["--train-text-encoder", "--freeze-unet"],
             "both": ["--train-text-encoder"]}
 PROMPT_SETS = ("clinical", "trained", "openi dev")
+PROMPTS_SEED = 2_027
+
+
+def write_prompts(path: Path):
+    """The held-out prompts: one clinical-style report for each label set of evaluate.py's prompts."""
+    rng = np.random.default_rng(PROMPTS_SEED)
+    labels = list({json.dumps(p.labels, sort_keys=True): p.labels for p in E.PROMPTS}.values())
+    prompts = [[PR.write_report(lab, rng, style="clinical"), lab] for lab in labels]
+    path.write_text(json.dumps({"wording": "clinical", "prompts": prompts}, indent=1) + "\n")
 
 
 def train(a, variant: str):
@@ -94,12 +105,16 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4, stage 13's)")
     ap.add_argument("--prompts", type=Path, default=ROOT / "docs" / "clinical_prompts.json",
                     help="held-out prompts in the new style (default docs/clinical_prompts.json)")
+    ap.add_argument("--write-prompts", action="store_true", help="write the held-out prompts to --prompts "
+                    "and stop (done once, before any variant was trained; committed)")
     ap.add_argument("--trained", type=int, default=16, help="prompts of evaluate.py's trained wording (default 16)")
     ap.add_argument("--openi", help="judge the dev half of the Open-I benchmark too, read from this path "
                     "(evaluate.py --openi's argument)")
     ap.add_argument("--seeds", type=int, default=8, help="samples per prompt (default 8)")
     ap.add_argument("--heldout", type=int, default=1000, help="held-out phantoms for the FID (default 1000)")
     a = ap.parse_args(argv)
+    if a.write_prompts:
+        return write_prompts(a.prompts)
     t0 = time.time()
     for variant in a.variants.split(","):
         if variant not in VARIANTS:
