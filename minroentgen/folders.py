@@ -52,8 +52,8 @@ class FolderError(ValueError):
 # ----------------------------------------------------------------------------- reading
 
 def list_images(folder, flag: str = "folder") -> list:
-    """The PNG/JPEG files under `folder` (subfolders too), sorted by path; hidden files (a partly
-    written image of generate.py) left out. Raises FolderError if there are none."""
+    """The PNG/JPEG files under `folder` (subfolders too), sorted by path; hidden ones (macOS's
+    ._name.png companions, which are not images) left out. Raises FolderError if there are none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FolderError(f"{flag} {folder} {'is a file' if folder.exists() else 'does not exist'}"
@@ -88,45 +88,38 @@ def center_crop(x: torch.Tensor) -> torch.Tensor:
     return x[..., top:top + s, left:left + s]
 
 
-def _gaussian_1d(x: torch.Tensor, sigma: float, dim: int) -> torch.Tensor:
-    """scipy.ndimage.gaussian_filter1d along `dim` (truncate 4, mode constant, zero outside)."""
-    r = int(4.0 * sigma + 0.5)
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype) / sigma) ** 2)
-    k = (k / k.sum()).view(1, 1, -1)
-    y = x.movedim(dim, -1)
-    shape = y.shape
-    y = F.conv1d(F.pad(y.reshape(-1, 1, shape[-1]), (r, r)), k).reshape(shape)
-    return y.movedim(-1, dim)
-
-
-def _linear_1d(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    """Linear interpolation along `dim` to `size` samples, output pixel centres on input pixel
-    centres (o + 0.5) * n / size - 0.5, values beyond the edge 0 (scipy's grid-constant)."""
-    n = x.shape[dim]
+def _resize_matrix(n: int, size: int) -> torch.Tensor:
+    """(size, n) float64: one axis of skimage's resize as a matrix. Output pixel centres fall on
+    (o + 0.5) * n / size - 0.5, read by linear interpolation from the input, first blurred by a
+    Gaussian of sigma (n / size - 1) / 2 if the axis shrinks (scipy.ndimage.gaussian_filter: radius
+    int(4 sigma + 0.5)); pixels beyond the edge are 0 (mode constant; scipy's grid-constant)."""
     c = (torch.arange(size, dtype=torch.float64) + 0.5) * (n / size) - 0.5
-    i0 = c.floor().long()
-    w = (c - i0).to(x.dtype)
-    y = F.pad(x.movedim(dim, -1), (1, 2))  # index j of x is j + 1 here; -1 and n, n + 1 are 0
-    y = y[..., i0 + 1] * (1 - w) + y[..., i0 + 2] * w
-    return y.movedim(-1, dim)
+    i0 = c.floor()
+    w = (c - i0)[:, None]
+    j = torch.arange(n, dtype=torch.float64)[None]  # (1, n)
+    if n > size:
+        sigma = (n / size - 1) / 2
+        r = int(4.0 * sigma + 0.5)
+        norm = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2).sum()
+
+        def tap(i):  # row of the blurred pixel i; shrinking, every i lies inside the image
+            d = j - i[:, None]
+            return torch.exp(-0.5 * (d / sigma) ** 2) / norm * (d.abs() <= r)
+    else:
+        def tap(i):
+            return (j == i[:, None]).double()
+    return (1 - w) * tap(i0) + w * tap(i0 + 1)
 
 
 def resize_like_skimage(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(H, W) -> (size, size) as skimage.transform.resize(x, (size, size), mode="constant",
-    preserve_range=True) (torchxrayvision's XRayResizer): when shrinking, a Gaussian of sigma
-    (n / size - 1) / 2 per axis first; bilinear; zero outside the image; the result clipped to the
-    input's range (widened to 0 if that is outside the range and the result reaches it)."""
+    """(H, W) float64 -> (size, size) as skimage.transform.resize(x, (size, size), mode="constant",
+    preserve_range=True), torchxrayvision's XRayResizer: Gaussian anti-aliasing on each shrinking
+    axis, bilinear, zero outside the image (`_resize_matrix`, one matrix per axis), the result
+    clipped to the input's range (skimage's clip=True; its widening of the range to the zero
+    outside never applies here: every output pixel gives the image itself a weight over 1/4)."""
     h, w = x.shape
-    y = x
-    if size < h or size < w:  # skimage anti-aliases only when some axis shrinks
-        for dim, n in ((0, h), (1, w)):
-            if n / size > 1:
-                y = _gaussian_1d(y, (n / size - 1) / 2, dim)
-    y = _linear_1d(_linear_1d(y, size, 0), size, 1)
-    lo, hi = x.min(), x.max()
-    if not lo <= 0 <= hi and y.min() <= 0 <= y.max():
-        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    return y.clamp(lo, hi)
+    y = _resize_matrix(h, size) @ x.double() @ _resize_matrix(w, size).T
+    return y.clamp(x.min(), x.max())
 
 
 # ----------------------------------------------------------------------------- features

@@ -75,7 +75,8 @@ def test_center_crop_is_torchxrayvisions():
     x = torch.arange(7 * 10).view(7, 10)
     np.testing.assert_array_equal(FE.center_crop(x), x[:, 2:9])
     np.testing.assert_array_equal(FE.center_crop(x.T), x.T[2:9, :])
-    assert FE.center_crop(torch.zeros(6, 9)).shape == (6, 6)
+    y = torch.arange(6 * 9).view(6, 9)  # odd long side, even short one: 9 // 2 - 6 // 2 = 1
+    np.testing.assert_array_equal(FE.center_crop(y), y[:, 1:7])
 
 
 def scipy_resize(x: np.ndarray, size: int) -> np.ndarray:
@@ -241,6 +242,9 @@ def test_folder_errors(reader, tmp_path, capsys):
         ["--real-dir", tmp_path / "empty", "--fake-dir", fake, "--out", tmp_path / "o1"])
     assert f"--fake-dir {tmp_path / 'nowhere'} does not exist" in error(
         ["--real-dir", real, "--fake-dir", tmp_path / "nowhere", "--out", tmp_path / "o2"])
+    (real / "sub").mkdir()
+    (real / "sub" / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata: skipped
+    save(real / "sub", imgs[:1], ["4.png"])  # subfolders are read
     (fake / "p_seed1_img0.png").write_bytes(b"\x89PNG broken")
     assert f"cannot read image {fake / 'p_seed1_img0.png'}" in error(
         ["--real-dir", real, "--fake-dir", fake, "--out", tmp_path / "o3"])
@@ -260,6 +264,8 @@ def test_folder_errors(reader, tmp_path, capsys):
         ["--real-dir", real, "--fake-dir", table, "--out", tmp_path / "o7"])
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "results.json").write_text("{}")
+    run(["--real-dir", real, "--fake-dir", real, "--out", tmp_path / "ok"], capsys)
+    assert json.loads((tmp_path / "ok" / "results.json").read_text())["n_real"] == 5
     assert "old already holds results" in error(["--real-dir", real, "--fake-dir", real,
                                                  "--out", tmp_path / "old"])
 
@@ -306,7 +312,7 @@ def test_xrv_features_match_torchxrayvisions_on_random_weights(xrv, tmp_path, ca
     torch.manual_seed(0)
     model = xrv.models.DenseNet(weights=None).eval()  # its architecture, random weights
     rng = np.random.default_rng(0)
-    shapes = [(128, 128), (224, 224), (300, 260), (261, 400), (512, 512)]  # grow, keep, shrink
+    shapes = [(128, 128), (224, 224), (301, 260), (261, 400), (512, 512)]  # grow, keep, shrink
     imgs = [E.phantom_at(P.sample_labels(rng), 256, rng) for _ in shapes]
     imgs = [np.asarray(Image.fromarray(a).resize(s[::-1])) for a, s in zip(imgs, shapes)]
     folder = save(tmp_path / "x", imgs, [f"{k}.png" for k in range(len(imgs))])
