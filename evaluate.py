@@ -14,6 +14,18 @@ and the mean pairwise MS-SSIM of one prompt's samples beside the same figure for
   python evaluate.py --openi NLMCXR_reports.tgz --seeds 8          # real Open-I impressions (docs/openi_benchmark.json)
 
 Writes OUT/table.md, OUT/grid.png (prompts x samples) and OUT/results.json.
+
+Your own images (minroentgen/folders.py): FID between two folders of PNG/JPEG X-rays and the MS-SSIM
+diversity of the generated ones, as RoentGen's evaluation computes them; writes OUT/table.md and
+OUT/results.json:
+
+  python evaluate.py --real-dir REAL --fake-dir FAKE                 # phantom reader features
+  python evaluate.py --real-dir REAL --fake-dir FAKE --features xrv  # torchxrayvision's DenseNet
+
+Prompts of FAKE for MS-SSIM: FAKE/reports.csv if there is one (generate.py's: images by its `image`
+column, the prompt its `report` column, in row order), else sample.py's file names
+<prompt>_seed<S>_img<I>.png (by prompt, then S, I; its grid_*.png files are left out). The first 4
+images of each prompt give its 6 pairs (RoentGen); prompts with fewer are counted and skipped.
 """
 import argparse
 import json
@@ -24,11 +36,13 @@ from pathlib import Path
 
 import torch
 
+from minroentgen import folders
 from minroentgen.phantoms import judge as E
 from minroentgen.phantoms import openi
 from minroentgen.phantoms import reader as R
 from minroentgen.pipeline import StableDiffusion
 from minroentgen.weights import WeightsError
+from sample import pick_device
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -67,7 +81,17 @@ def parse_args(argv=None):
     a("--out", type=Path, default=Path("eval"), help="output folder for table.md, grid.png, results.json (default eval/)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where the model runs (default auto: cuda, mps, cpu)")
     a("--dtype", default="auto", choices=["auto", *DTYPES], help="model precision (default auto: fp16 on cuda, fp32 elsewhere)")
+    a("--real-dir", type=Path, metavar="REAL", help="with --fake-dir: evaluate your own images "
+      "instead of a model: FID of the PNG/JPEG images under REAL (subfolders too) against FAKE's")
+    a("--fake-dir", type=Path, metavar="FAKE", help="with --real-dir: the generated images; FID "
+      "against REAL's, and MS-SSIM over 4 images a prompt (prompts: see above)")
+    a("--features", choices=["reader", "xrv"], help="with --real-dir: FID features of the phantom "
+      "reader (default; --reader) or of torchxrayvision's densenet121-res224-all as RoentGen's "
+      "evaluation (`pip install torchxrayvision`; its weights download on first use)")
     args = p.parse_args(argv)
+    folder_problem = _folder_mode_problem(p, args)
+    if folder_problem:
+        p.error(folder_problem)
     if args.openi and args.prompts:
         p.error("--openi and --prompts exclude each other: each is a prompt set")
     if args.half != "both" and not args.openi:
@@ -90,6 +114,52 @@ def parse_args(argv=None):
     return args
 
 
+FOLDER_FLAGS = {"real_dir", "fake_dir", "features", "reader", "out", "device"}
+
+
+def _folder_mode_problem(p, args):
+    """Why the folder flags are misused, or None: both folders or neither, and no model flags."""
+    if (args.real_dir is None) != (args.fake_dir is None):
+        return "--real-dir and --fake-dir go together: give both folders"
+    if args.real_dir is None:
+        return "--features needs --real-dir and --fake-dir" if args.features else None
+    for dest, value in vars(args).items():
+        if dest not in FOLDER_FLAGS and value != p.get_default(dest):
+            flag = "--" + dest.replace("_", "-")
+            return f"{flag} is for a model's evaluation, not --real-dir/--fake-dir"
+    return None
+
+
+def evaluate_folders(args):
+    """--real-dir/--fake-dir: FID and MS-SSIM diversity of your images (minroentgen/folders.py)."""
+    if args.features != "xrv" and not args.reader.exists():
+        sys.exit(f"evaluate.py: error: no phantom reader at {args.reader}: run "
+                 "`python -m minroentgen.phantoms.reader --train`, or use --features xrv")
+    device = pick_device(args.device, prog="evaluate.py")
+    if args.features != "xrv":
+        torch.set_num_threads(1)  # only the small reader runs: one thread is faster (see reader.py)
+
+    def extractor():  # after the folders are checked: xrv may download its weights first
+        if args.features == "xrv":
+            return folders.xrv_extractor(device=device)
+        return folders.reader_extractor(R.load(args.reader), device)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)  # now, not after a long run
+    except OSError as e:
+        sys.exit(f"evaluate.py: error: cannot write --out {args.out} ({e.strerror})")
+    t0 = time.time()
+    try:
+        result = folders.evaluate(args.real_dir, args.fake_dir, extractor)
+    except (folders.FolderError, WeightsError) as e:
+        sys.exit(f"evaluate.py: error: {e}")
+    result["seconds"] = round(time.time() - t0, 1)
+    text = folders.table(result)
+    (args.out / "table.md").write_text(text)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    print(text)
+    print(f"wrote {args.out}/table.md, results.json")
+
+
 def load_model(args):
     if not args.weights.exists():
         hint = "train one (README) or pass --weights, or use --real" if args.weights == DEFAULT_WEIGHTS else "check the path"
@@ -108,6 +178,8 @@ def load_model(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.real_dir is not None:
+        return evaluate_folders(args)
     if not args.reader.exists():
         sys.exit(f"evaluate.py: error: no phantom reader at {args.reader}: run `python -m minroentgen.phantoms.reader --train`")
     if args.real:

@@ -77,24 +77,28 @@ def _ssim_maps(x, y, data_range: float):
     return ssim.flatten(1).mean(1), cs[..., pad:-pad, pad:-pad].flatten(1).mean(1)  # (B,), (B,)
 
 
-def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0,
+            as_published: bool = False) -> torch.Tensor:
     """Multi-scale SSIM (Wang et al. 2003) of grayscale pairs (B, 1, H, W) -> (B,):
     prod_j cs_j^w_j over the finer scales times SSIM_M^w_M at the coarsest, 2x2 average pooling
     between scales. Scales: `num_scales(min(H, W))`, Wang's weights for those scales renormalised to
     sum 1 (so identical images still give 1). Negative terms are clamped to 0
-    (torchmetrics' "relu")."""
+    (torchmetrics' "relu"). as_published: at 5 scales Wang's weights as printed (they sum to
+    1.0001), torchmetrics' defaults, which RoentGen's evaluation called (3e-5 apart at 0.5)."""
     scales = num_scales(min(x.shape[-2:]))
     weights = torch.tensor(WANG_WEIGHTS[:scales], dtype=x.dtype, device=x.device)
+    if not (as_published and scales == len(WANG_WEIGHTS)):
+        weights = weights / weights.sum()
     terms = []
     for j in range(scales):
         ssim, cs = _ssim_maps(x, y, data_range)
         terms.append(ssim if j == scales - 1 else cs)
         x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
-    return (torch.stack(terms).relu() ** (weights / weights.sum())[:, None]).prod(0)  # (B,)
+    return (torch.stack(terms).relu() ** weights[:, None]).prod(0)  # (B,)
 
 
-def mean_pairwise_ms_ssim(images: torch.Tensor) -> float:
+def mean_pairwise_ms_ssim(images: torch.Tensor, as_published: bool = False) -> float:
     """Mean MS-SSIM over all N(N-1)/2 pairs of one prompt's images (B, 1, H, W) in [0, 1]
     (RoentGen: 4 images, 6 pairs; here 16 samples, all 120 pairs). Lower is more diverse."""
     i, j = torch.triu_indices(len(images), len(images), offset=1)
-    return float(ms_ssim(images[i].float(), images[j].float()).mean())
+    return float(ms_ssim(images[i].float(), images[j].float(), as_published=as_published).mean())
