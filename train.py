@@ -65,6 +65,15 @@ def parse_args(argv=None):
       "short side, keeping the whole chest (default, as RoentGen-v2); center = cut the long side, losing chest "
       "wall, apices or costophrenic angles (a median 18%% of Open-I frontal images)")
     a("--strict", action="store_true", help="stop at the first bad image-report pair instead of skipping it")
+    a("--prompt-template", metavar="TEMPLATE", help="train on prompts filled from this template, not the report "
+      "alone: {report} is the impression; {age} (whole years), {sex} (female/male) and {race} (WHITE, BLACK, "
+      "ASIAN, HISPANIC or OTHER) come from a table's columns (age or anchor_age; sex or gender, F/M; race) or, "
+      "for MIMIC-CXR, from --demographics; a table's other columns are fields as written. RoentGen-v2's: "
+      "\"{age} year old {race} {sex}. {report}\". A pair missing a field is skipped and counted (--strict: an "
+      "error). Saved in final/sampling.json as prompt_template")
+    a("--demographics", metavar="DIR", help="MIMIC-CXR with --prompt-template: MIMIC-IV (PhysioNet, credentialed), "
+      "its folder or its hosp/ folder, holding patients.csv.gz (gender; anchor_age, the age RoentGen-v2 writes) "
+      "and admissions.csv.gz (race: of a patient's admissions, the most frequent known race)")
     a("--weights", help="start from these weights: anything sample.py --weights loads (the paper: SD v1.4)")
     a("--config", help="with a single-file --weights: a diffusers folder whose configs describe its architecture "
       "where the tensor shapes cannot (as sample.py --config)")
@@ -134,6 +143,9 @@ def parse_args(argv=None):
         p.error("--vae replaces the random VAE of --init PRESET; --weights and --resume bring their own VAE")
     if args.freeze_unet and not args.train_text_encoder:
         p.error("--freeze-unet trains only the text encoder: give --train-text-encoder too")
+    if args.demographics is not None and args.prompt_template is None:
+        p.error("--demographics fills the fields of --prompt-template; give it too, e.g. "
+                "--prompt-template \"{age} year old {race} {sex}. {report}\"")
     if args.val_steps > 1000:
         p.error(f"--val-steps must be at most 1000 (the training timesteps), got {args.val_steps}")
     for flag in ("out", "vae", "resume", "weights", "config"):
@@ -209,11 +221,18 @@ def train(args, device, world, rank):
         else:
             vae_model = T.load_vae(args.vae, device) if args.vae else None
             sd = T.random_model(args.init, args.resolution, args.seed, device, vae_model)
-        pairs = read_pairs(args.data, args.dataset, args.split, args.view_table, args.reports)
-        dataset = ImageReportDataset(pairs, args.resolution, sd.tokenizer, args.strict, crop=args.crop)
+        pairs = read_pairs(args.data, args.dataset, args.split, args.view_table, args.reports, args.demographics)
+        dataset = ImageReportDataset(pairs, args.resolution, sd.tokenizer, args.strict, crop=args.crop,
+                                     template=args.prompt_template)
     except ValueError as e:  # WeightsError included
         error(str(e))
+    if resume and (was := sd.defaults.prompt_template) != args.prompt_template:
+        how = f"with --prompt-template {was!r}" if was else "without --prompt-template"
+        error(f"--resume: {resume} was trained {how}; give the same")
+    sd.defaults = replace(sd.defaults, prompt_template=args.prompt_template)  # into every sampling.json
     log(dataset.summary())
+    if args.prompt_template:
+        log(f"prompts from --prompt-template, e.g. {dataset.pairs[0].report!r}")
     if args.zero_snr and not resume:  # the checkpoints then carry the new schedule (a resume keeps it)
         sd.scheduler_config = replace(sd.scheduler_config, rescale_betas_zero_snr=True, prediction_type="v_prediction",
                                       timestep_spacing="trailing", class_name="DDIMScheduler")

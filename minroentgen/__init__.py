@@ -14,6 +14,7 @@ Read it in the order the data flows, each file next to its paper:
     8. training.py        the fine-tuning objective     DDPM Alg. 1, LDM Eq. 3; RoentGen's Methods
        data.py            image-report pairs            MIMIC-CXR, Open-I, CSV/JSONL
        report_text.py     a report's impression         MIMIC-CXR's section parser
+       prompts.py         demographic prompt templates  RoentGen-v2 (Moroianu et al. 2025)
     9. metrics.py         FID, MS-SSIM                  Heusel et al. 2017; Wang et al. 2003
 
 Plumbing, to read when needed: configs.py (the config.json of each model, as dataclasses),

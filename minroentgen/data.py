@@ -6,20 +6,23 @@ the prompt, cut to CLIP's 77 tokens. This module turns three layouts into `Pair(
 lists:
 
   csv        a .csv or .jsonl file (optionally .gz) with `image` (a path relative to the file) and
-             `report` columns; other columns are ignored. `python -m minroentgen.phantoms` writes
-             this.
+             `report` columns; other columns (e.g. age, sex or gender, race) are fields a prompt
+             template may use. `python -m minroentgen.phantoms` writes this.
   mimic-cxr  two PhysioNet downloads. MIMIC-CXR-JPG v2.0.0 (the images):
              files/pXX/pNNNNNNNN/sNNNNNNNN/<dicom_id>.jpg, mimic-cxr-2.0.0-metadata.csv.gz
              (ViewPosition) and mimic-cxr-2.0.0-split.csv.gz (the official split). It holds no
              reports: they are mimic-cxr-reports.zip of MIMIC-CXR v2.0.0
              (files/pXX/pNNNNNNNN/sNNNNNNNN.txt), read from the zip itself or from the folder it was
              unpacked into (`reports=`, train.py --reports), or found next to the study folders, or
-             as mimic-cxr-reports.zip in the images' folder.
+             as mimic-cxr-reports.zip in the images' folder. With MIMIC-IV's folder
+             (`demographics=`, train.py --demographics) each image's subject_id brings its
+             patient's age, sex and race (`read_mimic_iv`).
   openi      an IU X-ray / Open-I folder: ecgen-radiology/<n>.xml reports (NLMCXR_reports.tgz) and
              their PNG images anywhere below it (NLMCXR_png.tgz, named after the XML's
              `parentImage id`).
 
-and `ImageReportDataset` turns the pairs into training examples:
+and `ImageReportDataset` turns the pairs into training examples (with `template=`, the prompt is
+the report with the patient's fields in front, as RoentGen-v2's; see prompts.py):
   image -> grayscale -> square (zero-padded, or centre-cropped) -> bicubic resize to (R, R)
   -> [-1, 1] -> 3 equal channels.
 
@@ -56,13 +59,14 @@ import re
 import warnings
 import xml.etree.ElementTree as ET
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from . import prompts as P
 from .report_text import REPORTS_HINT, MimicReports, clean, extract_impression
 
 FRONTAL = {"PA", "AP"}
@@ -77,6 +81,9 @@ BICUBIC = Image.Resampling.BICUBIC
 class Pair:
     image: Path
     report: str | None  # None: the report file is missing (an empty string: it has no usable text)
+    # what a --prompt-template may use besides the report (prompts.py): name -> text, None when
+    # unknown; the same names for every pair of a data set
+    fields: dict | None = field(default=None, compare=False)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -117,10 +124,76 @@ def _mimic_table(root: Path, name: str, columns) -> list[dict]:
                      "into that folder")
 
 
-def read_mimic(root: Path, split: str, reports=None) -> list[Pair]:
+def _csv_rows(path: Path):
+    """The header, then every row (a list) of a .csv(.gz), read as a stream (MIMIC-IV's tables
+    are large); a damaged file is a one-line ValueError."""
+    try:
+        with _open_text(path) as f:
+            yield from csv.reader(f)
+    except (OSError, EOFError, zlib.error, csv.Error, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())}): damaged or half-downloaded? "
+                         f"download it again") from None
+
+
+def _columns(path: Path, header: list, *names):
+    """A getter row -> the value of the first of `names` in the header ("" for a short row)."""
+    i = next((header.index(n) for n in names if n in header), None)
+    if i is None:
+        raise ValueError(f"{path} has no column {' or '.join(map(repr, names))}; use the table "
+                         "as MIMIC-IV ships it")
+    return lambda row: row[i].strip() if i < len(row) else ""
+
+
+def _mimic_iv_table(folder: Path, name: str) -> Path:
+    for sub in ("hosp", "core", ""):  # v2.0 and later: hosp/; v1.0: core/; or the folder itself
+        for gz in (".gz", ""):
+            if (path := folder / sub / f"{name}.csv{gz}").is_file():
+                return path
+    raise ValueError(f"--demographics {folder} lacks hosp/{name}.csv.gz: give MIMIC-IV's folder "
+                     "(holding hosp/) or its hosp/ folder")
+
+
+def read_mimic_iv(folder, subjects=None) -> dict[str, dict]:
+    """subject_id -> {"age", "sex", "race"} (prompts.py's words; None where unknown) from MIMIC-IV:
+    hosp/patients.csv(.gz) (gender, anchor_age) and hosp/admissions.csv(.gz) (race; `ethnicity`
+    in v1.0), one race a patient by `prompts.patient_race` over their admissions. folder: MIMIC-IV's
+    folder or its hosp/. subjects: read only these (a set of ids)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "does not exist"
+        raise ValueError(f"--demographics {folder} {what}; give MIMIC-IV's folder (holding hosp/) "
+                         "or its hosp/ folder")
+    patients, admissions = (_mimic_iv_table(folder, n) for n in ("patients", "admissions"))
+    out = {}
+    rows = _csv_rows(patients)
+    header = next(rows, [])
+    subject, gender, anchor_age = (_columns(patients, header, n)
+                                   for n in ("subject_id", "gender", "anchor_age"))
+    for row in rows:
+        if subjects is None or subject(row) in subjects:
+            out[subject(row)] = {"age": P.age(anchor_age(row)), "sex": P.sex(gender(row)),
+                                 "race": None}
+    rows = _csv_rows(admissions)
+    header = next(rows, [])
+    subject, race = _columns(admissions, header, "subject_id"), _columns(admissions, header, "race",
+                                                                          "ethnicity")
+    when = _columns(admissions, header, "admittime") if "admittime" in header else lambda row: ""
+    races = {}
+    for row in rows:
+        if subjects is None or subject(row) in subjects:
+            races.setdefault(subject(row), []).append((when(row), race(row)))
+    for s, seen in races.items():
+        out.setdefault(s, {"age": None, "sex": None})["race"] = P.patient_race(seen)
+    return out
+
+
+def read_mimic(root: Path, split: str, reports=None, demographics=None) -> list[Pair]:
     """Frontal (ViewPosition PA or AP) images of one official split, each with its study's
     impression (report None: the study has no report file). reports: mimic-cxr-reports.zip or its
-    unpacked folder (default: reports next to the study folders, or ROOT/mimic-cxr-reports.zip)."""
+    unpacked folder (default: reports next to the study folders, or ROOT/mimic-cxr-reports.zip).
+    demographics: MIMIC-IV's folder (see `read_mimic_iv`): each pair's fields are then the age, sex
+    and race of its subject_id (all None for a patient MIMIC-IV lacks)."""
     if split not in MIMIC_SPLITS:
         raise ValueError(f"split={split!r}: MIMIC-CXR's official splits are "
                          f"{', '.join(MIMIC_SPLITS)}")
@@ -130,17 +203,22 @@ def read_mimic(root: Path, split: str, reports=None) -> list[Pair]:
     texts = MimicReports(Path(reports))
     split_of = {row["dicom_id"]: row["split"]
                 for row in _mimic_table(root, "mimic-cxr-2.0.0-split.csv", ["dicom_id", "split"])}
-    pairs, impressions = [], {}
+    pairs, impressions, subjects = [], {}, []
     needed = ["dicom_id", "subject_id", "study_id", "ViewPosition"]
     for row in _mimic_table(root, "mimic-cxr-2.0.0-metadata.csv", needed):
         if row["ViewPosition"] not in FRONTAL or split_of.get(row["dicom_id"]) != split:
             continue
+        subjects.append(row["subject_id"])
         subject, study = row["subject_id"], row["study_id"]
         folder = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
         if study not in impressions:  # one report per study, shared by its images
             text = texts.text(subject, study)
             impressions[study] = None if text is None else extract_impression(text)
         pairs.append(Pair(folder / f"{row['dicom_id']}.jpg", impressions[study]))
+    if demographics is not None:
+        patients = read_mimic_iv(demographics, set(subjects))
+        unknown = {"age": None, "sex": None, "race": None}
+        pairs = [replace(p, fields=patients.get(s, unknown)) for p, s in zip(pairs, subjects)]
     return pairs
 
 
@@ -251,14 +329,16 @@ def read_rows(path: Path) -> list:
 
 def read_table(path: Path) -> list[Pair]:
     """A .csv or .jsonl (optionally .gz) with `image` (relative to the file) and `report`
-    columns."""
+    columns. The other columns are each pair's fields (`prompts.table_fields`)."""
     rows = read_rows(path)
     pairs = []
+    columns = list(dict.fromkeys(c for row in rows if isinstance(row, dict) for c in row))
     for n, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not {"image", "report"} <= row.keys():
             raise ValueError(f"{path}: row {n} lacks an 'image' or 'report' column; the file needs "
                              "both (image: a path relative to the file, report: the text)")
-        pairs.append(Pair(path.parent / str(row["image"] or ""), clean(str(row["report"] or ""))))
+        pairs.append(Pair(path.parent / str(row["image"] or ""), clean(str(row["report"] or "")),
+                          P.table_fields(row, columns)))
     return pairs
 
 
@@ -277,12 +357,13 @@ def infer_dataset(path: Path) -> str:
                      "Open-I folder (ecgen-radiology/)")
 
 
-def read_pairs(path, dataset=None, split="train", view_table=None, reports=None) -> list[Pair]:
+def read_pairs(path, dataset=None, split="train", view_table=None, reports=None,
+               demographics=None) -> list[Pair]:
     """All image-report pairs of a dataset, unchecked (`ImageReportDataset` checks them).
     dataset: "csv", "mimic-cxr", "openi" or None to infer it from the path. split: MIMIC-CXR's
     official split (train, validate, test); a csv file is one split already and Open-I has none, so
-    they ignore it. view_table: Open-I only, see `read_openi`. reports: MIMIC-CXR only, see
-    `read_mimic`."""
+    they ignore it. view_table: Open-I only, see `read_openi`. reports, demographics (MIMIC-IV's
+    folder): MIMIC-CXR only, see `read_mimic`."""
     path = Path(path).absolute()  # image paths then do not depend on the working folder
     dataset = dataset or infer_dataset(path)
     if dataset not in ("csv", "mimic-cxr", "openi"):
@@ -294,10 +375,14 @@ def read_pairs(path, dataset=None, split="train", view_table=None, reports=None)
     if reports is not None and dataset != "mimic-cxr":
         raise ValueError(f"--reports is for MIMIC-CXR only; "
                          f"the {dataset} data holds its reports itself")
+    if demographics is not None and dataset != "mimic-cxr":
+        instead = ("give age, sex and race as columns of the table" if dataset == "csv"
+                   else "Open-I has no demographics")
+        raise ValueError(f"--demographics (MIMIC-IV) is for MIMIC-CXR only; {instead}")
     if dataset == "csv":
         return read_table(path)
     if dataset == "mimic-cxr":
-        return read_mimic(path, split, reports)
+        return read_mimic(path, split, reports, demographics)
     return read_openi(path, view_table)
 
 
@@ -378,10 +463,13 @@ class ImageReportDataset(torch.utils.data.Dataset):
     only when loaded: it is named in a warning and the next pair stands in (strict=True: an error).
     needs_report=False keeps images without a report (the VAE reads none). `skip_pixels`, when set
     to a bool tensor over the pairs (shared memory, so DataLoader workers see it), marks images not
-    to decode: their latents are cached; their pixel_values are zeros."""
+    to decode: their latents are cached; their pixel_values are zeros. template: a prompt template
+    over the pairs' fields and {report} (prompts.py; e.g. RoentGen-v2's
+    "{age} year old {race} {sex}. {report}"): each kept pair's report becomes its filled prompt,
+    and a pair missing a field the template needs is skipped as "missing <field>"."""
 
     def __init__(self, pairs, resolution: int, tokenizer=None, strict: bool = False,
-                 needs_report: bool = True, crop: str = "pad"):
+                 needs_report: bool = True, crop: str = "pad", template: str | None = None):
         if resolution <= 0 or resolution % 8:
             raise ValueError(f"resolution={resolution}: use a positive multiple of 8 "
                              "(SD's VAE downsamples by 8), e.g. 512")
@@ -391,11 +479,21 @@ class ImageReportDataset(torch.utils.data.Dataset):
         pairs = list(pairs)
         self.resolution, self.strict, self.crop, self.num_read = (
             resolution, strict, crop, len(pairs))
+        self.template, needed = template, []
+        if template is not None and pairs:
+            available = dict.fromkeys(name for p in pairs for name in (p.fields or {}))
+            needed = [n for n in P.check_template(template, available) if n != "report"]
         self.skip_pixels = None
         self.skipped: dict[str, list[Path]] = {}
         self.pairs = []
         for n, pair in enumerate(pairs, start=1):
             problem = pair_problem(pair, needs_report)
+            if not problem and template is not None:
+                fields = pair.fields or {}
+                if missing := [name for name in needed if fields.get(name) is None]:
+                    problem = f"missing {' and '.join(missing)}"
+                else:
+                    pair = replace(pair, report=P.fill(template, {**fields, "report": pair.report}))
             if problem and strict:
                 raise ValueError(f"pair {n} of {len(pairs)}: {problem} {pair.image} (strict: fix "
                                  "or remove it, or run without --strict to skip bad pairs)")

@@ -45,6 +45,9 @@ class SamplingDefaults:
     guidance_rescale: float = 0.0  # phi of Lin et al. 2024 (they use 0.7); 0 turns it off
     height: int = 512
     width: int = 512
+    # the prompts the model was trained on, when train.py --prompt-template made them (e.g.
+    # RoentGen-v2's "{age} year old {race} {sex}. {report}"); a note for users, sampling ignores it
+    prompt_template: str | None = None
 
     def __post_init__(self):  # a sampling.json can say anything
         if self.scheduler not in SCHEDULER_NAMES.values():
@@ -59,6 +62,8 @@ class SamplingDefaults:
         if type(self.guidance_rescale) not in (int, float) or not 0 <= self.guidance_rescale <= 1:
             raise ValueError("guidance_rescale must be a number from 0 to 1, "
                              f"got {self.guidance_rescale!r}")
+        if self.prompt_template is not None and type(self.prompt_template) is not str:
+            raise ValueError(f"prompt_template must be text, got {self.prompt_template!r}")
 
 
 def _build(model_cls, config, state_dict, source: str, device, dtype):
@@ -132,7 +137,7 @@ class StableDiffusion:
             state_dicts={k: m.state_dict() for k, m in models.items()},
             tokenizer=self.tokenizer,
             scheduler_config=self.scheduler_config.to_dict(),
-            sampling=asdict(self.defaults),
+            sampling={k: v for k, v in asdict(self.defaults).items() if v is not None},
         )
 
     @property

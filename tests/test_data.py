@@ -777,3 +777,187 @@ def test_train_cli_errors_are_one_line_and_help_names_the_downloads(openi, tmp_p
                   "NLMCXR_reports.tgz", "nlmcxr_dicom_metadata.csv.gz", "nlmcxr_tsne_pa.csv.gz",
                   "pad = zero-pad the short side", "(default, as RoentGen-v2)"):
         assert words in usage, words
+
+
+# ----------------------------------------------------------------------------- prompt templates
+
+V2 = "{age} year old {race} {sex}. {report}"  # RoentGen-v2's
+
+
+def test_demographic_words_as_roentgen_v2_writes_them():
+    from minroentgen import prompts
+    # MIMIC-IV's race strings -> RoentGen-v2's one capitalised word; unknowns -> None
+    races = {"WHITE": "WHITE", "White": "WHITE", "white - other european": "WHITE",
+             "BLACK/AFRICAN AMERICAN": "BLACK", "BLACK/CAPE VERDEAN": "BLACK",
+             "African American": "BLACK", "ASIAN - CHINESE": "ASIAN", "HISPANIC OR LATINO": "HISPANIC",
+             "HISPANIC/LATINO - PUERTO RICAN": "HISPANIC", "SOUTH AMERICAN": "HISPANIC",
+             "AMERICAN INDIAN/ALASKA NATIVE": "OTHER", "MULTIPLE RACE/ETHNICITY": "OTHER",
+             "OTHER": "OTHER", "UNKNOWN": None, "UNABLE TO OBTAIN": None,
+             "PATIENT DECLINED TO ANSWER": None, "  ": None, None: None}
+    assert {r: prompts.race(r) for r in races} == races
+    sexes = {"F": "female", "f": "female", "Female": "female", "M": "male", "MALE": "male",
+             "U": None, "": None}
+    assert {s: prompts.sex(s) for s in sexes} == sexes
+    ages = {"65": "65", 65: "65", "64.9": "64", 91.0: "91", "": None, "abc": None, "-3": None,
+            "nan": None}
+    assert {a: prompts.age(a) for a in ages} == ages
+    # one race a patient: the most frequent known one; unknowns never count
+    black = [("2180-01-01", "WHITE"), ("2181-01-01", "BLACK/AFRICAN AMERICAN"),
+             ("2182-01-01", "BLACK/CAPE VERDEAN")] + [("", "UNKNOWN")] * 3
+    assert prompts.patient_race(black) == "BLACK"
+    # a tie: the race of the latest admission (not the last row, not the alphabetically first)
+    tie = [("2181-05-05", "WHITE - RUSSIAN"), ("2180-01-01", "HISPANIC OR LATINO")]
+    assert prompts.patient_race(tie) == "WHITE"
+    assert prompts.patient_race([("", "WHITE"), ("", "ASIAN")]) == "ASIAN"  # no times: alphabetical
+    assert prompts.patient_race([("2180-01-01", "UNABLE TO OBTAIN")]) is None
+
+
+@pytest.fixture
+def demographic_table(tmp_path):
+    """A CSV of 5 images with age, gender and race columns (and one more, site); 2 are unusable."""
+    for name in "abcde":
+        save_gray(tmp_path / f"{name}.png")
+    write_csv(tmp_path / "data.csv", ["image", "report", "age", "gender", "race", "site"], [
+        ["a.png", "Small left pleural effusion.", "65", "F", "White", "ward 1"],
+        ["b.png", "No acute process.", "40.7", "m", "BLACK/AFRICAN AMERICAN", "ED"],
+        ["c.png", "Cardiomegaly.", "", "F", "ASIAN", "ICU"],
+        ["d.png", "Right pneumothorax.", "70", "U", "UNKNOWN", "ICU"],
+        ["e.png", "Normal chest.", "33", "M", "Hispanic/Latino - Dominican", "ED"]])
+    return tmp_path / "data.csv"
+
+
+def test_template_filled_from_csv_columns(demographic_table, tmp_path):
+    dataset = ImageReportDataset(read_pairs(demographic_table), resolution=8, template=V2)
+    assert [p.report for p in dataset.pairs] == ["65 year old WHITE female. Small left pleural effusion.",
+                                                 "40 year old BLACK male. No acute process.",
+                                                 "33 year old HISPANIC male. Normal chest."]
+    assert dataset[1]["report"] == "40 year old BLACK male. No acute process."  # what training reads
+    assert dataset.skipped == {"missing age": [tmp_path / "c.png"],
+                               "missing race and sex": [tmp_path / "d.png"]}
+    summary = dataset.summary()
+    assert "\n" not in summary
+    assert summary.startswith("3 of 5 image-report pairs used; skipped 2: 1 missing age (")
+    assert "1 missing race and sex" in summary
+    # any other column is a field as written, {{ }} are braces; without a template the report alone
+    site = ImageReportDataset(read_pairs(demographic_table), resolution=8,
+                              template="{{{site}}} {gender}: {report}")
+    assert site.pairs[0].report == "{ward 1} F: Small left pleural effusion." and len(site.pairs) == 5
+    plain = ImageReportDataset(read_pairs(demographic_table), resolution=8)
+    assert plain.pairs[0].report == "Small left pleural effusion."
+    with pytest.raises(ValueError) as error:
+        ImageReportDataset(read_pairs(demographic_table), resolution=8, template=V2, strict=True)
+    assert str(error.value).startswith(f"pair 3 of 5: missing age {tmp_path / 'c.png'} (strict")
+
+
+def test_template_from_jsonl_prefers_age_and_sex_over_anchor_age_and_gender(tmp_path):
+    save_gray(tmp_path / "a.png")
+    rows = [{"image": "a.png", "report": "Normal.", "age": 70, "anchor_age": 50, "sex": "female",
+             "gender": "M", "race": "asian - korean"},
+            {"image": "a.png", "report": "Edema.", "anchor_age": 80, "gender": "M", "race": "OTHER"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = ImageReportDataset(read_pairs(tmp_path / "d.jsonl"), resolution=8, template=V2)
+    # the table has an age (and a sex) key, so row 2, which lacks them, misses them
+    assert [p.report for p in dataset.pairs] == ["70 year old ASIAN female. Normal."]
+    assert list(dataset.skipped) == ["missing age and sex"]
+    (tmp_path / "e.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    dataset = ImageReportDataset(read_pairs(tmp_path / "e.jsonl"), resolution=8, template=V2)
+    assert [p.report for p in dataset.pairs] == ["80 year old OTHER male. Edema."]
+
+
+@pytest.mark.parametrize("template, says", [
+    ("{age} year old {ethnicity} {sex}. {report}",
+     "uses {ethnicity}, which this data lacks; available: {report}, {age}, {gender}, {race}, {site}, "
+     "{sex} (age, sex and race come"),
+    ("{age:>3} {report}", "{age:>3} is not a plain named field"),
+    ("{age!r} {report}", "{age!r} is not a plain named field"),
+    ("{} {report}", "{} is not a plain named field"),
+    ("{age.real} {report}", "{age.real} is not a plain named field"),
+    ("{age {report}", "write {{ and }} for a literal brace"),
+    (" ", "--prompt-template is empty"),
+])
+def test_bad_templates_are_one_line_errors(template, says, demographic_table):
+    with pytest.raises(ValueError) as error:
+        ImageReportDataset(read_pairs(demographic_table), resolution=8, template=template)
+    assert says in str(error.value) and "\n" not in str(error.value)
+
+
+MIMIC_IV_PATIENTS = [("10000032", "F", 52), ("10000898", "M", 91), ("10000764", "F", 40)]
+MIMIC_IV_ADMISSIONS = [  # 10000032: BLACK twice, WHITE once, unknown 3 times; 10000898: a tie
+    ("10000032", "2180-01-01 10:00:00", "WHITE"), ("10000032", "2180-02-01 10:00:00", "BLACK/AFRICAN AMERICAN"),
+    ("10000032", "2180-03-01 10:00:00", "BLACK/CAPE VERDEAN"), ("10000032", "2180-04-01 10:00:00", "UNKNOWN"),
+    ("10000032", "2180-05-01 10:00:00", "UNKNOWN"), ("10000032", "2180-06-01 10:00:00", "UNABLE TO OBTAIN"),
+    ("10000898", "2181-05-05 08:00:00", "WHITE - RUSSIAN"),
+    ("10000898", "2180-01-01 08:00:00", "HISPANIC OR LATINO"), ("10000764", "2180-01-01 08:00:00", "ASIAN")]
+
+
+def write_mimic_iv(folder, gz=".gz", module="hosp", race_column="race", patients=MIMIC_IV_PATIENTS,
+                   admissions=MIMIC_IV_ADMISSIONS):
+    """MIMIC-IV's patients and admissions tables (the columns read, and a few more)."""
+    (folder / module).mkdir(parents=True, exist_ok=True)
+    write_csv(folder / module / f"patients.csv{gz}", ["subject_id", "gender", "anchor_age", "anchor_year"],
+              [[s, g, a, 2180] for s, g, a in patients])
+    write_csv(folder / module / f"admissions.csv{gz}", ["subject_id", "hadm_id", "admittime", race_column],
+              [[s, 20000000 + n, t, r] for n, (s, t, r) in enumerate(admissions)])
+    return folder
+
+
+@pytest.mark.parametrize("gz, module, race_column, give", [
+    (".gz", "hosp", "race", "root"), ("", "hosp", "race", "hosp"), (".gz", "core", "ethnicity", "root")],
+    ids=["gz-root", "csv-hosp", "v1-core-ethnicity"])
+def test_mimic_joined_with_mimic_iv(gz, module, race_column, give, tmp_path):
+    root = tmp_path / "mimic-cxr-jpg"
+    write_mimic_jpg(root)
+    reports = write_mimic_reports("zip", root)
+    mimic_iv = write_mimic_iv(tmp_path / "mimiciv" / "3.1", gz, module, race_column)
+    demographics = mimic_iv if give == "root" else mimic_iv / module
+    plain = read_pairs(root, reports=reports)
+    dataset = ImageReportDataset(read_pairs(root, reports=reports, demographics=demographics),
+                                 resolution=8, template=V2)
+    # train split, frontal: two images of 10000032 (2 BLACK over 1 WHITE; 3 unknowns do not count),
+    # one of 10000898 (WHITE and HISPANIC once each: the latest admission's); anchor_age is the age
+    assert [p.report for p in dataset.pairs] == [f"52 year old BLACK female. {plain[0].report}",
+                                                 f"52 year old BLACK female. {plain[1].report}",
+                                                 f"91 year old WHITE male. {plain[2].report}"]
+    assert [p.image for p in dataset.pairs] == [p.image for p in plain]
+    validate = read_pairs(root, split="validate", reports=reports, demographics=demographics)
+    dataset = ImageReportDataset(validate, resolution=8, template="{sex}, {age}: {report}")
+    assert [p.report for p in dataset.pairs] == [f"female, 40: {validate[0].report}"]
+
+
+def test_mimic_patients_missing_from_mimic_iv_are_skipped_and_counted(tmp_path):
+    root = tmp_path / "mimic-cxr-jpg"
+    write_mimic_jpg(root)
+    write_mimic_reports("inside", root)
+    mimic_iv = write_mimic_iv(tmp_path / "mimiciv", patients=[("10000032", "F", 52)],  # not 10000898
+                              admissions=[("10000032", "2180-01-01", "UNKNOWN"),
+                                          ("10000898", "2180-01-01", "ASIAN")])
+    pairs = read_pairs(root, demographics=mimic_iv)
+    assert [p.fields for p in pairs] == [{"age": "52", "sex": "female", "race": None}] * 2 + \
+        [{"age": None, "sex": None, "race": "ASIAN"}]
+    dataset = ImageReportDataset(pairs, resolution=8, template="{race} {report}")
+    assert [p.report.split()[0] for p in dataset.pairs] == ["ASIAN"]
+    assert dataset.summary().startswith("1 of 3 image-report pairs used; skipped 2: 2 missing race (")
+    dataset = ImageReportDataset(pairs, resolution=8, template="{age} {sex} {report}")
+    assert list(dataset.skipped) == ["missing age and sex"] and len(dataset.pairs) == 2
+    with pytest.raises(ValueError, match=r"^pair 1 of 3: missing race .*02aa804e.* \(strict"):
+        ImageReportDataset(pairs, resolution=8, template=V2, strict=True)
+    with pytest.raises(ValueError, match=r"no usable image-report pair among the 3 read: skipped 3: "
+                                         r"2 missing race"):
+        ImageReportDataset(pairs, resolution=8, template=V2)
+    # without --demographics MIMIC-CXR has only the report; wrong folders are one-line errors
+    with pytest.raises(ValueError, match=r"uses \{age\}, \{race\}, \{sex\}, which this data lacks; "
+                                         r"available: \{report\} \(.*--demographics"):
+        ImageReportDataset(read_pairs(root), resolution=8, template=V2)
+    for bad, says in ((tmp_path, "lacks hosp/patients.csv.gz: give MIMIC-IV's folder"),
+                      (tmp_path / "nowhere", "nowhere does not exist"),
+                      (mimic_iv / "hosp" / "patients.csv.gz", "is a file")):
+        with pytest.raises(ValueError, match=says):
+            read_pairs(root, demographics=bad)
+    (mimic_iv / "hosp" / "admissions.csv.gz").write_bytes(b"\x1f\x8b\x08\x00broken")
+    with pytest.raises(ValueError, match="admissions.csv.gz cannot be read .* download it again"):
+        read_pairs(root, demographics=mimic_iv)
+    write_csv(mimic_iv / "hosp" / "admissions.csv.gz", ["subject_id", "admittime"], [["10000032", ""]])
+    with pytest.raises(ValueError, match="admissions.csv.gz has no column 'race' or 'ethnicity'"):
+        read_pairs(root, demographics=mimic_iv)
+    with pytest.raises(ValueError, match="--demographics .* is for MIMIC-CXR only; give age, sex and race"):
+        read_pairs(tmp_path / "x.csv", "csv", demographics=mimic_iv)

@@ -187,6 +187,7 @@ def test_bad_settings_are_one_line_errors(sources, tmp_path, capsys):
                       ({"guidance": float("inf")}, "guidance must be a finite number >= 0, got inf"),
                       ({"scheduler": "euler"}, "scheduler must be one of pndm, ddim, ddpm"),
                       ({"guidance_rescale": 1.5}, "guidance_rescale must be a number from 0 to 1, got 1.5"),
+                      ({"prompt_template": ["{report}"]}, r"prompt_template must be text, got \['\{report\}'\]"),
                       ({"stepz": 3}, "unexpected keyword argument 'stepz'")):
         (folder / "sampling.json").write_text(json.dumps(bad))
         with pytest.raises(SystemExit, match=rf"sample.py: error: .*sampling.json: not a valid sampling.json .*{says}"):

@@ -1,4 +1,5 @@
 """train.py and minroentgen/training.py: a tiny model (`--init tiny`) on 32-pixel phantoms, a few steps each."""
+import csv
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from minroentgen import training
 from minroentgen.phantoms import phantom
 from minroentgen.data import ImageReportDataset, read_pairs
 from minroentgen.pipeline import StableDiffusion
+from minroentgen.tokenizer import CLIPTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--resolution", "32", "--batch-size", "4", "--lr", "1e-3", "--warmup", "2",
@@ -368,6 +370,39 @@ def test_text_augment_reaches_the_loss(data, tmp_path):
     assert aug[1] != plain[1]  # the same images, noise and timesteps; other token ids
 
 
+def test_prompt_template_trains_on_the_patients_demographics(data, tmp_path, monkeypatch, capsys):
+    """RoentGen-v2's prompts from a table's age, gender and race columns: what the tokenizer is given is
+    the filled template; a pair without a known race is skipped and counted; final/ records the template."""
+    with open(data, newline="") as f:
+        rows = list(csv.DictReader(f))
+    people = [("65", "F", "WHITE"), ("40", "M", "BLACK/AFRICAN AMERICAN"), ("71", "M", "ASIAN - CHINESE"),
+              ("23", "F", "HISPANIC OR LATINO"), ("88", "F", "White"), ("52", "M", "UNKNOWN"), ("30", "M", "black"),
+              ("47", "F", "OTHER")]
+    table = tmp_path / "demographics.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "report", "anchor_age", "gender", "race"])
+        writer.writerows([data.parent / row["image"], row["report"], *person] for row, person in zip(rows, people))
+    words = {"F": "female", "M": "male"}
+    races = ["WHITE", "BLACK", "ASIAN", "HISPANIC", "WHITE", None, "BLACK", "OTHER"]
+    expected = {f"{age} year old {race} {words[sex]}. {row['report']}"
+                for row, (age, sex, _), race in zip(rows, people, races) if race}
+    seen, tokenize = [], CLIPTokenizer.__call__
+    monkeypatch.setattr(CLIPTokenizer, "__call__",
+                        lambda self, prompts: seen.extend(prompts) or tokenize(self, prompts))
+    template = "{age} year old {race} {sex}. {report}"
+    capsys.readouterr()
+    run(table, tmp_path / "run", "--max-steps", "2", "--text-dropout", "0", "--prompt-template", template)
+    assert set(seen) == expected and len(seen) == 8  # 2 steps of 4: the 7 usable pairs, one of them twice
+    printed = capsys.readouterr().out
+    assert "7 of 8 image-report pairs used; skipped 1: 1 missing race (" in printed
+    assert "prompts from --prompt-template, e.g. '" in printed
+    assert json.loads((tmp_path / "run" / "final" / "sampling.json").read_text())["prompt_template"] == template
+    with pytest.raises(SystemExit, match="was trained with --prompt-template '{age} year old {race} {sex}. "
+                                         "{report}'; give the same"):
+        run(table, tmp_path / "run", "--max-steps", "3", "--resume", "--prompt-template", "{report}")
+
+
 def test_lr_schedule_and_ema():
     assert training.lr_factor(0, 4, 100, "cosine") == 0.25 and training.lr_factor(3, 4, 100, "cosine") == 1
     assert training.lr_factor(52, 4, 100, "cosine") == pytest.approx(0.5)
@@ -402,6 +437,12 @@ def test_lr_schedule_and_ema():
     (["--data", "DATA", "--init", "tiny", "--seed", "-1"], "--seed must be from 0"),
     (["--data", "DATA", "--init", "tiny", "--freeze-unet"], "give --train-text-encoder too"),
     (["--data", "DATA", "--init", "tiny", "--text-augment", "1.5"], "--text-augment is a probability: it must be in [0, 1], got 1.5"),
+    (["--data", "DATA", "--init", "tiny", "--prompt-template", "{age} year old {report}"],
+     "--prompt-template uses {age}, which this data lacks; available: {report}, {labels} (age, sex and race come"),
+    (["--data", "DATA", "--init", "tiny", "--demographics", "mimic-iv"], "--demographics fills the fields of "
+     "--prompt-template; give it too"),
+    (["--data", "DATA", "--init", "tiny", "--prompt-template", "{report}", "--demographics", "mimic-iv"],
+     "--demographics (MIMIC-IV) is for MIMIC-CXR only; give age, sex and race as columns of the table"),
 ])
 def test_bad_input_gets_a_one_line_error(extra, says, data, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
