@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from minroentgen import pipeline
 from minroentgen.pipeline import StableDiffusion, image_grid, to_grayscale_uint8
 from minroentgen.weights import WeightsError
 
@@ -52,7 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run (default auto: cuda, then mps, then cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="precision (default auto: fp16 on cuda, fp32 elsewhere)")
+                   help="precision (default auto: fp16 on cuda, fp32 elsewhere; fp32 on cuda "
+                   "multiplies matrices in TF32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet, with CUDA graphs on cuda: "
+                   "faster steps once the first image has waited for the compiling (a minute or more); "
+                   "the text encoder and the VAE run once an image and stay as they are")
     args = p.parse_args(argv)
     if not args.prompts:
         p.error('give at least one prompt, e.g. python sample.py "small left pleural effusion"')
@@ -122,11 +127,14 @@ def main(argv=None):
         sys.exit("sample.py: error: no embedded default model in weights/default yet. Point --weights at a "
                  "Stable Diffusion v1.x or RoentGen diffusers folder or single file; weights/README.md says where to get them.")
     device = pick_device(args.device)
+    pipeline.cuda_speedups(device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
     try:
         sd = StableDiffusion.from_pretrained(weights, config_dir=args.config, device=device, dtype=dtype)
     except WeightsError as e:
         sys.exit(f"sample.py: error: {e}")
+    if args.compile:
+        sd.compile()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     d = sd.defaults

@@ -30,6 +30,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -37,12 +38,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from minroentgen import pipeline
 from minroentgen import training as T
 from minroentgen.data import ImageReportDataset, default_workers, read_pairs
 from minroentgen.pipeline import StableDiffusion
 from minroentgen.noise_schedule import NoiseSchedule
 
-AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# how long a process waits in a collective, e.g. while rank 0 alone writes a checkpoint (about 16 GB
+# at SD size with the text encoder) or samples the validation prompts; torch's default is 10 minutes
+DIST_TIMEOUT = timedelta(hours=1)
 VAL_PROMPTS = ["No acute cardiopulmonary process.", "Small left pleural effusion.",
                "Large right pneumothorax.", "Cardiomegaly with mild pulmonary edema."]
 
@@ -87,7 +91,9 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=256, help="global batch: images per optimizer step over all processes "
       "(default 256, the paper's; an A100 held 8 images at 512 in bf16)")
     a("--micro-batch-size", type=int, help="images per process per forward pass; the rest is gradient "
-      "accumulation, batch = micro x accumulation x processes (default: batch / processes)")
+      "accumulation, batch = micro x accumulation x processes (default: the largest divisor of "
+      "batch / processes up to 8 x (512 / resolution)^2: the paper's 8 per A100 at 512, as many "
+      "pixels at other sizes; lower it, or add --gradient-checkpointing, if a GPU runs out of memory)")
     a("--resolution", type=int, default=512, help="image side in pixels (default 512, the paper's)")
     a("--train-text-encoder", action="store_true", help="train the CLIP text encoder too (the paper's best variants)")
     a("--freeze-unet", action="store_true", help="with --train-text-encoder: train only the text encoder, the "
@@ -120,6 +126,9 @@ def parse_args(argv=None):
       "such as V100/T4, fp32 on CPU); fp16 uses a gradient scaler")
     a("--gradient-checkpointing", action="store_true",
       help="recompute activations in the backward pass: less memory, slower")
+    a("--compile", action="store_true", help="torch.compile the UNet (and the trained text encoder): faster "
+      "steps after a first one that compiles (minutes at SD size); without CUDA graphs, which DDP and "
+      "gradient accumulation do not suit")
     a("--cache-latents", action="store_true", help="keep each image's VAE posterior in memory after its first "
       "use, so the VAE encodes every image once and the loaders decode it once (same losses as without; memory: "
       "8 x (R/8)^2 numbers an image, 64 KB at 512 in bf16)")
@@ -168,7 +177,8 @@ def error(message: str):
 
 
 class StopFlag:
-    """Ctrl-C (or SIGTERM, which torchrun and cluster schedulers send) once: finish the step, save a
+    """Ctrl-C (or SIGTERM, which torchrun and cluster schedulers send) once: finish the step (with
+    several processes: the next --log-every step, so that all stop at the same one), save a
     checkpoint, exit. Ctrl-C twice: abort at once."""
 
     def __init__(self):
@@ -185,14 +195,19 @@ def main(argv=None):
     args = parse_args(argv)
     warnings.showwarning = lambda message, *_, **__: print(f"train.py: warning: {message}", file=sys.stderr)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         error("--device cuda, but this torch build sees no CUDA GPU; use --device cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda and local_rank >= (gpus := torch.cuda.device_count()):
+        error(f"process {local_rank} on this machine has no GPU of its own ({gpus} here); "
+              f"start at most {gpus} (torchrun --nproc_per_node {gpus})")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    pipeline.cuda_speedups(device)
     if world > 1:  # started by torchrun: one process per GPU (or several on the CPU)
         if cuda:
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
     try:
         train(args, device, world, rank)
     finally:
@@ -202,12 +217,13 @@ def main(argv=None):
 
 def train(args, device, world, rank):
     out, G = Path(args.out), args.batch_size
-    micro = args.micro_batch_size or G // world
-    if micro < 1 or G % (micro * world):
+    if G % world:
+        error(f"--batch-size {G} is not a multiple of the {world} processes")
+    micro = args.micro_batch_size or T.default_micro_batch(G // world, args.resolution)
+    if G % (micro * world):
         error(f"--batch-size {G} is not a multiple of --micro-batch-size {micro} x {world} processes")
     accumulation = G // (micro * world)
-    precision = args.precision if args.precision != "auto" else T.auto_precision(device)
-    amp = AMP[precision]
+    precision, autocast, scaler = T.mixed_precision(args.precision, device)
     log = print if rank == 0 else (lambda *a: None)
 
     resume = state = ema_state = None
@@ -244,28 +260,33 @@ def train(args, device, world, rank):
     for m in trained:
         m.train().requires_grad_(True)
         m.gradient_checkpointing = args.gradient_checkpointing
+        if args.compile:
+            m.compile()  # in place: parameter names and checkpoints stay as they are
     schedule = NoiseSchedule(sd.scheduler_config)
     denoiser = T.Denoiser(sd.unet, sd.text_encoder, schedule, args.train_text_encoder, args.snr_gamma)
     model = denoiser
-    if world > 1:  # gradients of the UNet and the text encoder are averaged over processes in backward
-        model = DistributedDataParallel(denoiser, device_ids=[device] if device.type == "cuda" else None)
+    if world > 1:  # gradients of the UNet and the text encoder are averaged over processes in backward,
+        # in place in DDP's all-reduce buckets (no second copy of the gradients)
+        model = DistributedDataParallel(denoiser, device_ids=[device] if device.type == "cuda" else None,
+                                        gradient_as_bucket_view=True)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    ema = T.EMA(denoiser, args.ema_decay) if args.ema_decay > 0 else None
+    # only rank 0 samples and saves, so only it keeps the EMA weights
+    ema = T.EMA(denoiser, args.ema_decay) if args.ema_decay > 0 and rank == 0 else None
     start = 0
     if resume:
         if (state["batch_size"], state["seed"]) != (G, args.seed):
             error(f"--resume: {resume} was trained with --batch-size {state['batch_size']} --seed {state['seed']}; "
                   "use the same values to continue its data order")
         try:
-            opt.load_state_dict(state["optimizer"])
+            T.load_optimizer(opt, scaler, state)
             if ema is not None:
                 ema.load_state_dict(ema_state if ema_state is not None else {})
         except ValueError as e:
-            error(f"--resume: {resume} does not fit this run ({e}); use the same --train-text-encoder, --freeze-unet and --ema-decay")
-        scaler.load_state_dict(state["scaler"])
+            error(f"--resume: {resume} does not fit this run ({e}); use the same --train-text-encoder, "
+                  "--freeze-unet and --ema-decay")
         start = state["step"]
+        state = ema_state = None  # their copies in CPU memory (about 12 GB at SD size) are not needed now
         log(f"resuming from {resume} at step {start}")
     log(f"training {sum(p.numel() for p in params) / 1e6:.1f}M parameters; batch {G} = {micro} x {accumulation} "
         f"accumulation x {world} processes; {precision} on {device}")
@@ -281,76 +302,94 @@ def train(args, device, world, rank):
     workers = default_workers() if args.num_workers is None else args.num_workers
     batches = iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=workers,
                                                pin_memory=device.type == "cuda"))
-    autocast = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+
+    def on_rank_0(work, *work_args):
+        """work(*work_args) on rank 0 while the others wait (up to DIST_TIMEOUT); if it returns an
+        error message, every process stops."""
+        problem = work(*work_args) if rank == 0 else None
+        if world > 1:
+            failed = torch.tensor(float(problem is not None), device=device)
+            dist.all_reduce(failed)
+            if failed.item() and rank != 0:
+                error("stopped: rank 0 failed (its message is above)")
+        if problem:
+            error(problem)
+
+    def write_checkpoint(step):
+        state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                 "batch_size": G, "seed": args.seed, "args": json.dumps(vars(args))}
+        T.save_checkpoint(T.checkpoint_path(out, step), sd, ema, state, args.keep)
 
     def save(step):
         if problem := T.blown_up(params, step, out):
             error(problem)
-        if rank == 0:
-            state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "batch_size": G, "seed": args.seed, "args": json.dumps(vars(args))}
-            T.save_checkpoint(T.checkpoint_path(out, step), sd, ema, state, args.keep)
+        on_rank_0(write_checkpoint, step)
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     stop = StopFlag()
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(total=args.max_steps, initial=start, disable=rank != 0, desc="training")
-    step, t_log, step_log = start, time.time(), start
-    try:
-        while step < args.max_steps:
-            stopping = torch.tensor(float(stop.asked), device=device)
-            if world > 1:  # every process stops at the same step
-                dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
-            if stopping.item():
-                break
+    step, t_log, step_log, stopping = start, time.time(), start, False
+    try:  # the device runs ahead of this loop: only a --log-every step waits for it (.tolist())
+        while step < args.max_steps and not stopping:
             lr = args.lr * T.lr_factor(step, args.warmup, args.max_steps, args.lr_schedule)
             for group in opt.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for k in range(accumulation):
                 b = next(batches)
+                x = {key: v.to(device, non_blocking=True) for key, v in b.items() if key != "index"}
                 with autocast:
-                    latents = T.encode_latents(sd.vae, b["pixel_values"].to(device), b["index"].tolist(),
-                                               b["posterior_eps"], cache)
+                    latents = T.encode_latents(sd.vae, x["pixel_values"], b["index"].tolist(),
+                                               x["posterior_eps"], cache)
                 if cache is not None:
                     dataset.skip_pixels[b["index"]] = True  # set after caching: a worker never skips too early
                 # the gradients are averaged over processes only after the last micro-batch
                 sync = model.no_sync() if world > 1 and k < accumulation - 1 else nullcontext()
                 with sync:
                     with autocast:
-                        loss = model(latents, b["input_ids"].to(device), b["noise"].to(device),
-                                     b["timestep"].to(device))
+                        loss = model(latents, x["input_ids"], x["noise"], x["timestep"])
                     scaler.scale(loss / accumulation).backward()
                 loss_sum += loss.detach() / accumulation
-            if world > 1:
-                dist.all_reduce(loss_sum)
-            loss_value = loss_sum.item() / world  # the mean over the global batch
-            if not math.isfinite(loss_value):
-                kept = T.latest_checkpoint(out)
-                error(f"loss is {loss_value} at step {step + 1}; stopped without saving "
-                      f"(last good checkpoint: {kept or 'none'}); try a lower --lr or --precision fp32/bf16")
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             scaler.step(opt)
             scaler.update()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=world == 1)  # under DDP the gradients stay views of its buckets
             if ema is not None:
                 ema.update(denoiser, step)
             step += 1
             bar.update()
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-                now = time.time()
-                record = {"step": step, "loss": loss_value, "lr": lr,
-                          "images_per_second": G * (step - step_log) / max(now - t_log, 1e-9), "time": now}
-                T.append_log(out / "log.jsonl", record)
-                tqdm.write(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {record['images_per_second']:.1f} img/s")
-                t_log, step_log = now, step
+            if step % args.log_every == 0 or step == args.max_steps:
+                totals = torch.stack([loss_sum, torch.full_like(loss_sum, stop.asked)])
+                if world > 1:  # the loss summed over processes; all stop if one was asked to
+                    dist.all_reduce(totals)
+                loss_value, asked = totals.tolist()
+                loss_value /= world  # the mean over the global batch
+                stopping = asked > 0
+                if not math.isfinite(loss_value):
+                    kept = T.latest_checkpoint(out)
+                    error(f"loss is {loss_value} at step {step}; stopped without saving (last good "
+                          f"checkpoint: {kept or 'none'}); try a lower --lr or --precision fp32/bf16")
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                if rank == 0:
+                    now = time.time()
+                    speed = G * (step - step_log) / max(now - t_log, 1e-9)
+                    record = {"step": step, "loss": loss_value, "lr": lr, "images_per_second": speed,
+                              "time": now}
+                    T.append_log(out / "log.jsonl", record)
+                    tqdm.write(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {speed:.1f} img/s")
+                    t_log, step_log = now, step
             if step % args.save_every == 0 and step < args.max_steps:
                 save(step)
-            if rank == 0 and args.sample_every and step % args.sample_every == 0 and step < args.max_steps:
-                validate(sd, denoiser, ema, args, step, autocast)
+            if args.sample_every and step % args.sample_every == 0 and step < args.max_steps:
+                on_rank_0(validate, sd, denoiser, ema, args, step, autocast)
+            if world == 1:
+                stopping = stop.asked
+    except torch.cuda.OutOfMemoryError:
+        error(f"out of GPU memory at --micro-batch-size {micro} ({args.resolution} px); give a smaller one "
+              f"(gradient accumulation keeps the batch at {G}) or add --gradient-checkpointing")
     finally:
         bar.close()
         for sig, handler in previous_handlers.items():
@@ -361,25 +400,34 @@ def train(args, device, world, rank):
         log(f"stopped at step {step}; continue with the same command and --resume")
         return
     if rank == 0:
-        validate(sd, denoiser, ema, args, step, autocast)
+        if problem := validate(sd, denoiser, ema, args, step, autocast):
+            error(problem)
         with ema.applied(denoiser) if ema is not None else nullcontext():
             sd.save_pretrained(out / "final")
         log(f"wrote {out / 'final'} (python sample.py --weights {out / 'final'} \"your prompt\")")
 
 
-def validate(sd, denoiser, ema, args, step, autocast):
-    """Sample the validation prompts (seed i for prompt i, DDIM) with the EMA weights into a grid."""
+def validate(sd, denoiser, ema, args, step, autocast) -> str | None:
+    """Sample the validation prompts (seed i for prompt i, DDIM) with the EMA weights into a grid;
+    an error message if the samples hold NaN or infinity."""
     if not args.val_prompts:
-        return
+        return None
     trained = [m for m in (sd.unet, sd.text_encoder) if m.training]
     for m in trained:
         m.eval()
-    with ema.applied(denoiser) if ema is not None else nullcontext(), autocast:
-        images = torch.cat([sd(prompt, seed=i, steps=args.val_steps, scheduler="ddim", height=args.resolution,
-                               width=args.resolution, progress=False) for i, prompt in enumerate(args.val_prompts)])
+    try:
+        with ema.applied(denoiser) if ema is not None else nullcontext(), autocast:
+            images = torch.cat([sd(prompt, seed=i, steps=args.val_steps, scheduler="ddim",
+                                   height=args.resolution, width=args.resolution, progress=False)
+                                for i, prompt in enumerate(args.val_prompts)])
+    except ValueError:  # the pipeline refuses samples that are not finite
+        return (f"the validation samples at step {step} hold NaN or infinity: the model diverged or "
+                f"overflowed (last checkpoint: {T.latest_checkpoint(args.out) or 'none'}); try a lower "
+                "--lr or --precision fp32/bf16")
     for m in trained:
         m.train()
     T.save_grid(images, Path(args.out) / "samples" / f"step-{step:06d}.png", cols=min(4, len(images)))
+    return None
 
 
 if __name__ == "__main__":

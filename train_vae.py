@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from minroentgen import pipeline, vae
 from minroentgen import training as T
-from minroentgen import vae
 from minroentgen.configs import VAE_PRESETS
 from minroentgen.data import ImageReportDataset, default_workers, read_pairs
 
@@ -70,6 +70,11 @@ def parse_args(argv=None):
       "the encoder, the latents and their scaling factor stay as they are (see above)")
     a("--kl-weight", type=float, default=1e-6, help="weight of the KL term (default 1e-6: LDM's KL-f4/f8 models)")
     a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (default 1.0)")
+    a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="autocast dtype; "
+      "weights stay fp32 (default auto: bf16 on GPUs with native bf16, fp16 with a gradient scaler on "
+      "older ones, fp32 on CPU), as train.py")
+    a("--gradient-checkpointing", action="store_true", help="recompute each encoder and decoder block in the "
+      "backward pass: less memory (an SD-sized VAE at 512), slower")
     a("--seed", type=int, default=0, help="seeds data order, posterior noise and --init weights: a run repeats exactly (default 0)")
     a("--save-every", type=int, default=1000, help="write a checkpoint every N steps (default 1000)")
     a("--keep", type=int, default=2, help="keep the last N checkpoints, 0 = all (default 2)")
@@ -119,8 +124,8 @@ def vae_loss(model, x, eps, kl_weight: float, train_encoder: bool = True):
     with torch.set_grad_enabled(train_encoder):  # a frozen encoder: its KL is a constant
         posterior = model.encode(x)
     reconstruction = model.decode(posterior.mean + posterior.std * eps)  # (B, 3, H, W)
-    l1 = (reconstruction - x).abs().mean()
-    kl = posterior.kl().mean()
+    l1 = (reconstruction.float() - x).abs().mean()  # in fp32 under autocast too
+    kl = posterior.kl().float().mean()
     return l1 + kl_weight * kl / x[0].numel(), l1, kl
 
 
@@ -149,6 +154,8 @@ def main(argv=None):
     if cuda and not torch.cuda.is_available():
         error("--device cuda, but this torch build sees no CUDA GPU; use --device cpu")
     device, out = torch.device("cuda" if cuda else "cpu"), Path(args.out)
+    pipeline.cuda_speedups(device)
+    precision, autocast, scaler = T.mixed_precision(args.precision, device)
     try:
         T.check_out(out, args.resume)
         resume, state, _ = T.find_resume(out, True, args.max_steps) if args.resume else (None, None, None)
@@ -169,8 +176,9 @@ def main(argv=None):
     model.train().requires_grad_(not args.decoder_only)
     for part in (model.decoder, model.post_quant_conv):
         part.requires_grad_(True)
+    model.encoder.gradient_checkpointing = model.decoder.gradient_checkpointing = args.gradient_checkpointing
     trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=args.lr)
+    opt = torch.optim.AdamW(trained, lr=args.lr, fused=cuda)
     start = 0
     if resume:
         if (state["batch_size"], state["seed"]) != (args.batch_size, args.seed):
@@ -179,13 +187,14 @@ def main(argv=None):
         if state.get("decoder_only", False) != args.decoder_only:
             error(f"--resume: {resume} was trained {'with' if state.get('decoder_only') else 'without'} "
                   "--decoder-only; give the same to continue it")
-        opt.load_state_dict(state["optimizer"])
+        T.load_optimizer(opt, scaler, state)
         start = state["step"]
         print(f"resuming from {resume} at step {start}")
     latent_shape = (model.config.latent_channels, args.resolution // f, args.resolution // f)
     part = "its decoder" if args.decoder_only else "all"
     print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter VAE ({part}: "
-          f"{sum(p.numel() for p in trained) / 1e6:.2f}M; latents {'x'.join(map(str, latent_shape))}) on {device}")
+          f"{sum(p.numel() for p in trained) / 1e6:.2f}M; latents {'x'.join(map(str, latent_shape))}) "
+          f"in {precision} on {device}")
 
     data = Images(dataset, None, args.seed, latent_shape, 0, 0.0)
     batches = iter(torch.utils.data.DataLoader(data, batch_sampler=T.StepSampler(start, args.batch_size, 1, 1, 0),
@@ -198,42 +207,50 @@ def main(argv=None):
             error(problem)
         if not args.decoder_only:
             model.config = replace(model.config, scaling_factor=scaling_factor(model, dataset, args.batch_size, device))
-        state = {"step": step, "optimizer": opt.state_dict(), "batch_size": args.batch_size, "seed": args.seed,
+        state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                 "batch_size": args.batch_size, "seed": args.seed,
                  "decoder_only": args.decoder_only, "args": json.dumps(vars(args))}
         T.save_checkpoint(T.checkpoint_path(out, step), VAEFolder(model), None, state, args.keep)
 
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=args.max_steps, initial=start, desc="training the VAE")
     step, t_log, step_log = start, time.time(), start
-    while step < args.max_steps:
-        lr = args.lr * T.lr_factor(step, args.warmup, args.max_steps, "cosine")
-        for group in opt.param_groups:
-            group["lr"] = lr
-        b = next(batches)
-        loss, l1, kl = vae_loss(model, b["pixel_values"].to(device), b["eps"].to(device), args.kl_weight,
-                                not args.decoder_only)
-        if not math.isfinite(loss.item()):
-            error(f"loss is {loss.item()} at step {step + 1}; stopped without saving "
-                  f"(last good checkpoint: {T.latest_checkpoint(out) or 'none'}); try a lower --lr")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        bar.update()
-        bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.0f}", lr=f"{lr:.2e}")
-        record = {}
-        if step % args.sample_every == 0 or step == args.max_steps:
-            record = reconstruct(model, shown, out / "samples" / f"step-{step:06d}.png")
-        if step % args.log_every == 0 or step == args.max_steps or record:
-            now = time.time()
-            record = {"step": step, "loss": loss.item(), "l1": l1.item(), "kl": kl.item(), "lr": lr,
-                      "images_per_second": args.batch_size * (step - step_log) / max(now - t_log, 1e-9),
-                      "time": now, **record}
-            T.append_log(out / "log.jsonl", record)
-            t_log, step_log = now, step
-        if step % args.save_every == 0 or step == args.max_steps:
-            save(step)
+    try:  # the device runs ahead of this loop: only a step that logs waits for it (.tolist())
+        while step < args.max_steps:
+            lr = args.lr * T.lr_factor(step, args.warmup, args.max_steps, "cosine")
+            for group in opt.param_groups:
+                group["lr"] = lr
+            b = next(batches)
+            x, eps = (b[k].to(device, non_blocking=True) for k in ("pixel_values", "eps"))
+            with autocast:
+                loss, l1, kl = vae_loss(model, x, eps, args.kl_weight, not args.decoder_only)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update()
+            sample = step % args.sample_every == 0 or step == args.max_steps
+            if step % args.log_every == 0 or sample:
+                loss_value, l1_value, kl_value = torch.stack([loss, l1, kl]).tolist()
+                if not math.isfinite(loss_value):
+                    error(f"loss is {loss_value} at step {step}; stopped without saving (last good "
+                          f"checkpoint: {T.latest_checkpoint(out) or 'none'}); try a lower --lr")
+                bar.set_postfix(l1=f"{l1_value:.4f}", kl=f"{kl_value:.0f}", lr=f"{lr:.2e}")
+                record = reconstruct(model, shown, out / "samples" / f"step-{step:06d}.png") if sample else {}
+                now = time.time()
+                record = {"step": step, "loss": loss_value, "l1": l1_value, "kl": kl_value, "lr": lr,
+                          "images_per_second": args.batch_size * (step - step_log) / max(now - t_log, 1e-9),
+                          "time": now, **record}
+                T.append_log(out / "log.jsonl", record)
+                t_log, step_log = now, step
+            if step % args.save_every == 0 or step == args.max_steps:
+                save(step)
+    except torch.cuda.OutOfMemoryError:
+        error(f"out of GPU memory at --batch-size {args.batch_size} ({args.resolution} px); give a "
+              "smaller one or add --gradient-checkpointing")
     bar.close()
     T.save_vae(out / "vae", model)  # the last checkpoint's weights and scaling factor
     print(f"wrote {out / 'vae'}; scaling_factor = {model.config.scaling_factor:.5f} (1 / std of the latents, "

@@ -46,6 +46,8 @@ def main():
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="autocast dtype around the forward pass; weights stay fp32 (default fp32)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps; the median is shown (default 3)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both UNets (as train.py --compile); "
+                   "the untimed first step compiles")
     p.add_argument("--sequential", type=int, nargs="?", const=2, default=0, metavar="ROUNDS",
                    help="build, time and free one implementation at a time, in ROUNDS alternating rounds (default 2) "
                    "after an untimed round, instead of holding both: for memory that cannot hold both models with "
@@ -76,6 +78,8 @@ def main():
     def make_ours():
         ours = StableDiffusion.from_pretrained(folder, device=device)
         ours.unet.train().requires_grad_(True)
+        if args.compile:
+            ours.unet.compile()
         opt = torch.optim.AdamW(ours.unet.parameters(), lr=1e-5, weight_decay=1e-2, **fused)
         denoiser = Denoiser(ours.unet, ours.text_encoder, NoiseSchedule(SchedulerConfig()), train_text_encoder=False)
 
@@ -95,6 +99,8 @@ def main():
         ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True).to(device)
         ref_sched = RefDDPM.from_config(ref.scheduler.config)
         ref.unet.train().requires_grad_(True)
+        if args.compile:
+            ref.unet.compile()
         ref.vae.requires_grad_(False)
         ref.text_encoder.requires_grad_(False)
         opt = torch.optim.AdamW(ref.unet.parameters(), lr=1e-5, weight_decay=1e-2, **fused)
@@ -129,7 +135,8 @@ def main():
         (tm, mm), (td, md) = compare(make_ours(), make_ref(), device, args.repeats)
     rows = [(f"{args.size} UNet step, batch {args.batch} at {res} ({how})", f"{args.batch / tm:.3g} img/s",
              f"{args.batch / td:.3g} img/s", f"{td / tm:.2f}", f"{mm / 2**20:.0f} MiB", f"{md / 2**20:.0f} MiB")]
-    title = f"Training, {machine()}, {args.precision}, torch {torch.__version__}"
+    compiled = ", compiled" if args.compile else ""
+    title = f"Training, {machine()}, {args.precision}{compiled}, torch {torch.__version__}"
     header = ("what", "minroentgen", "diffusers", "speed ratio", "peak extra mem (ours)", "peak extra mem (diffusers)")
     write_results(title, rows, header, save=not args.no_write)
 

@@ -5,13 +5,15 @@
 
 Each check prints PASS or FAIL with its figure and limit; the exit code is 1 if any failed.
   1. samples of the embedded default in fp32 / fp16 / bf16 on --device against CPU fp32: at most
-     2 / 4 / 16 grey levels apart, no NaN;
+     2 / 4 / 16 grey levels apart, no NaN; on CUDA also sample.py --compile (CUDA graphs) in fp16
+     against eager: at most 4 grey levels, and the time of a 25-step sample each way;
   2. train.py losses in bf16 and fp16 against fp32 (tiny preset, phantoms): within 5% on average;
+     on CUDA also bf16 with --compile against bf16;
   3. the compiled UNet (torch.compile) against eager: the same output (relative 1e-3) and its speed;
   4. (not --quick) full-size SD v1.5 training at 512 in bf16 with the text encoder trained:
      images/s and peak memory at micro-batch 8 and 16, with and without gradient checkpointing;
-  5. (not --quick) bench_sample.py and bench_train.py against diffusers on the same device, written
-     to benchmarks/RESULTS.md with the device's name.
+  5. (not --quick) bench_sample.py and bench_train.py (eager and --compile) against diffusers on the
+     same device, written to benchmarks/RESULTS.md with the device's name.
 Targets on an H100 (../shared/DESIGN.md "Speed", diffusers 0.42.1): guided UNet step at batch 2,
 512 px, fp16 eager <= 25 ms (diffusers 47), compiled <= 5 ms (6.6); 50-step sample eager <= 1.5 s
 (2.45), compiled <= 0.35 s (0.47); training at batch 8, bf16, fused AdamW >= 80 img/s (59.7).
@@ -59,14 +61,30 @@ def check_sampling(device: str, quick: bool):
         diff = int((got - ref).abs().max())
         report(f"sampling {name}", diff <= GREY_LIMIT[name],
                f"{diff} grey levels from CPU fp32 (limit {GREY_LIMIT[name]})")
+    if device == "cuda":  # what sample.py --compile does: the UNet compiled, with CUDA graphs
+        sd = StableDiffusion.from_pretrained(weights, device=device, dtype=torch.float16)
+        kw["steps"] = 25
+
+        def sample():
+            return to_grayscale_uint8(sd("small left pleural effusion", **kw)).int()
+        eager, eager_s = sample(), timed(sample, device, 3)
+        t0 = time.perf_counter()
+        try:
+            compiled = sd.compile() and sample()
+        except (RuntimeError, ValueError) as e:  # torch.compile's errors are RuntimeErrors
+            return report("sampling fp16 compiled", False, str(e).splitlines()[0])
+        first_s, compiled_s = time.perf_counter() - t0, timed(sample, device, 3)
+        diff = int((compiled - eager).abs().max())
+        report("sampling fp16 compiled", diff <= 4, f"{diff} grey levels from eager (limit 4); 25 steps, "
+               f"2 images: eager {eager_s:.2f} s, compiled {compiled_s:.2f} s (first {first_s:.0f} s)")
 
 
-def train_losses(data: Path, out: Path, device: str, precision: str, steps: int) -> list:
+def train_losses(data: Path, out: Path, device: str, precision: str, steps: int, extra=()) -> list:
     subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(data / "reports.csv"),
                     "--init", "tiny", "--resolution", "64", "--batch-size", "4", "--lr", "1e-4",
                     "--max-steps", str(steps), "--precision", precision, "--device", device,
                     "--log-every", "1", "--sample-every", "0", "--save-every", str(steps),
-                    "--num-workers", "0", "--out", str(out)], check=True, capture_output=True)
+                    "--num-workers", "0", "--out", str(out), *extra], check=True, capture_output=True)
     return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()
             if "loss" in json.loads(line)]
 
@@ -77,16 +95,25 @@ def check_training_precision(device: str, quick: bool, tmp: Path):
     subprocess.run([sys.executable, "-m", "minroentgen.phantoms", "--n", "32", "--size", "64",
                     "--out", str(data), "--workers", "1"], check=True, capture_output=True, cwd=ROOT)
     steps = 3 if quick else 30
-    ref = train_losses(data, tmp / "fp32", device, "fp32", steps)
-    for precision in ("bf16", "fp16"):
-        try:
-            got = train_losses(data, tmp / precision, device, precision, steps)
-        except subprocess.CalledProcessError as e:
-            report(f"train.py {precision}", False, e.stderr.decode().strip().splitlines()[-1])
+    losses = {"fp32": train_losses(data, tmp / "fp32", device, "fp32", steps)}
+    runs = [("bf16", "fp32", ()), ("fp16", "fp32", ())]
+    if device == "cuda":  # torch.compile: minutes on a CPU
+        runs.append(("bf16", "bf16", ("--compile",)))
+    for precision, against, extra in runs:
+        name = " ".join((precision, *extra))
+        if against not in losses:
+            report(f"train.py {name}", False, f"no {against} run to compare with")
             continue
+        try:
+            got = losses[name] = train_losses(data, tmp / name.replace(" ", ""), device, precision,
+                                              steps, extra)
+        except subprocess.CalledProcessError as e:
+            report(f"train.py {name}", False, e.stderr.decode().strip().splitlines()[-1])
+            continue
+        ref = losses[against]
         rel = sum(abs(a - b) / abs(b) for a, b in zip(got, ref)) / len(ref)
-        report(f"train.py {precision}", len(got) == len(ref) and rel <= 0.05,
-               f"losses {rel:.2%} from fp32 on average over {len(ref)} steps (limit 5%)")
+        report(f"train.py {name}", len(got) == len(ref) and rel <= 0.05,
+               f"losses {rel:.2%} from {against} on average over {len(ref)} steps (limit 5%)")
 
 
 def timed(fn, device: str, repeats: int) -> float:
@@ -150,8 +177,9 @@ def main():
         check_compile(args.device, args.quick)
         if not args.quick:
             check_sd15_training(args.device)
-            for bench in (["bench_sample.py", "--dtype", "fp16", "--steps", "50"],
-                          ["bench_train.py", "--size", "sd15", "--precision", "bf16", "--batch", "8"]):
+            train = ["bench_train.py", "--size", "sd15", "--precision", "bf16", "--batch", "8"]
+            for bench in (["bench_sample.py", "--dtype", "fp16", "--steps", "50"], train,
+                          [*train, "--compile"]):
                 r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / bench[0]), *bench[1:],
                                     "--device", args.device])
                 report(bench[0], r.returncode == 0, "table appended to benchmarks/RESULTS.md")

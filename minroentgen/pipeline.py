@@ -140,6 +140,12 @@ class StableDiffusion:
             sampling={k: v for k, v in asdict(self.defaults).items() if v is not None},
         )
 
+    def compile(self):
+        """torch.compile the UNet in place (the part that runs every step), on CUDA with CUDA
+        graphs: the sampling loop's shapes are fixed. The text encoder and VAE run once an image."""
+        self.unet.compile(mode="reduce-overhead" if self.device.type == "cuda" else None)
+        return self
+
     @property
     def device(self):
         return self.unet.conv_in.weight.device
@@ -213,8 +219,10 @@ class StableDiffusion:
         latents = latents.to(self.device)  # fp32 in any model dtype: the sampler's sums need it
         for t in tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False):
             x = torch.cat([latents, latents]) if guided else latents  # (2n or n, 4, h, w)
-            # noise, or v for a v-prediction model; guided and stepped in fp32
-            pred = self.unet(x.to(self.dtype), t.to(self.device), context).float()
+            # noise, or v for a v-prediction model; guided and stepped in fp32 (a copy even in
+            # fp32: a CUDA-graphed UNet overwrites its output at its next call)
+            pred = self.unet(x.to(self.dtype), t.to(self.device), context)
+            pred = pred.to(torch.float32, copy=True)
             if guided:
                 pred_neg, pred_prompt = pred.chunk(2)
                 pred = pred_neg + guidance * (pred_prompt - pred_neg)
@@ -229,6 +237,14 @@ class StableDiffusion:
                              "(try --dtype fp32 or bf16); else damaged weights (re-download "
                              "them) or far too large guidance")
         return image.float().cpu()
+
+
+def cuda_speedups(device):
+    """On CUDA: TF32 for fp32 matrix products (convolutions use it by default) and cuDNN's search
+    for the fastest kernels of the fixed shapes of training and sampling. Elsewhere nothing."""
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = True
 
 
 def rescale_guidance(pred: torch.Tensor, pred_prompt: torch.Tensor, phi: float) -> torch.Tensor:

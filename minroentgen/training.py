@@ -28,7 +28,7 @@ import math
 import re
 import shutil
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -95,8 +95,8 @@ def encode_latents(vae_model, pixels, indices, posterior_eps,
         fresh = torch.cat([posterior.mean, posterior.logvar], dim=1)  # (b, 2C, h, w): the moments
         for j, m in zip(todo, fresh):
             moments[j] = m
-            if cache is not None:
-                cache[indices[j]] = m.cpu()
+        if cache is not None:  # one copy to the CPU (a wait for the GPU) per batch
+            cache.update(zip([indices[j] for j in todo], fresh.cpu()))
     device = pixels.device
     moments = torch.stack([m if m is not None else cache[i].to(device)
                            for i, m in zip(indices, moments)])
@@ -290,6 +290,34 @@ def auto_precision(device: torch.device) -> str:
     if device.type != "cuda":
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def mixed_precision(precision: str, device: torch.device) -> tuple:
+    """--precision -> (what "auto" picks here, the autocast context of the forward passes, the
+    gradient scaler: enabled for fp16 only). Weights and optimizer states stay fp32."""
+    precision = auto_precision(device) if precision == "auto" else precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    return precision, autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def load_optimizer(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, state: dict):
+    """A checkpoint's optimizer and scaler states, whatever device and precision wrote them: `fused`
+    stays what this run chose for its device (a CPU run's False must not reach a GPU), and a
+    checkpoint without scaler state (bf16, fp32) leaves an fp16 run a fresh scaler."""
+    saved = state["optimizer"]
+    groups = [{**g, "fused": opt.defaults.get("fused")} for g in saved["param_groups"]]
+    opt.load_state_dict({**saved, "param_groups": groups})  # state placed as fused needs it
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+
+
+def default_micro_batch(per_process: int, resolution: int) -> int:
+    """Images a process forwards at once unless told: the largest divisor of its share of the batch
+    up to 8 x (512 / resolution)^2 (the paper's 8 images at 512 per A100, as many pixels at other
+    sizes); gradient accumulation makes up the rest."""
+    cap = max(1, 8 * 512**2 // resolution**2)
+    return max(m for m in range(1, min(per_process, cap) + 1) if per_process % m == 0)
 
 
 def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:

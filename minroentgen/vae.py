@@ -18,6 +18,7 @@ loads with `load_state_dict(strict=True)`:
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .configs import VAEConfig
 
@@ -168,7 +169,18 @@ class MidBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- encoder, decoder
 
-class Encoder(nn.Module):
+class _Blocks(nn.Module):
+    """Set `gradient_checkpointing = True` to keep only each block's input while training and
+    recompute the block in the backward pass (less memory, more time)."""
+    gradient_checkpointing = False
+
+    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+
+class Encoder(_Blocks):
     """(B, in_channels, H, W) -> (B, 2 * latent_channels, H/f, W/f): mean and logvar before
     quant_conv."""
 
@@ -186,13 +198,13 @@ class Encoder(nn.Module):
     def forward(self, x):                                   # (B, 3, H, W)
         x = self.conv_in(x)                                 # (B, ch[0], H, W)
         for block in self.down_blocks:
-            x = block(x)                                    # (B, ch[i], H/2^(i+1), W/2^(i+1));
+            x = self._run(block, x)                         # (B, ch[i], H/2^(i+1), W/2^(i+1));
                                                             # the last stays at H/f
-        x = self.mid_block(x)                               # (B, ch[-1], H/f, W/f)
+        x = self._run(self.mid_block, x)                    # (B, ch[-1], H/f, W/f)
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 2*latent_channels, H/f, W/f)
 
 
-class Decoder(nn.Module):
+class Decoder(_Blocks):
     """(B, latent_channels, h, w) -> (B, out_channels, h*f, w*f); the encoder mirrored, with one
     more ResnetBlock per level."""
 
@@ -208,9 +220,9 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], c.out_channels, 3, padding=1)
 
     def forward(self, z):                                   # (B, 4, h, w)
-        x = self.mid_block(self.conv_in(z))                 # (B, 512, h, w) for SD
+        x = self._run(self.mid_block, self.conv_in(z))      # (B, 512, h, w) for SD
         for block in self.up_blocks:
-            x = block(x)                                    # doubled after all but the last:
+            x = self._run(block, x)                         # doubled after all but the last:
                                                             # (B, 128, 8h, 8w) at the end
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 3, h*f, w*f)
 

@@ -274,3 +274,16 @@ def test_reduced_precision_keeps_latents_and_sampler_in_fp32(sources, monkeypatc
     assert sd.unet.conv_in.weight.dtype == torch.bfloat16
     sd("x", steps=3, scheduler="ddim", progress=False, height=32, width=32)
     assert dtypes == [(torch.float32, torch.float32)] * 3
+
+
+@pytest.mark.slow
+def test_compile_samples_the_eager_image(sources, tmp_path, monkeypatch):
+    """sample.py --compile: torch.compile of the UNet (plain on a CPU: about a minute of compiling)."""
+    _, root = sources
+    eager = read_pngs(run_sample(root / "safetensors", "pndm", tmp_path / "eager"))
+    modes, compile_module = [], torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, mode=None: modes.append(
+        (type(self).__name__, mode)) or compile_module(self, mode=mode))
+    compiled = read_pngs(run_sample(root / "safetensors", "pndm", tmp_path / "compiled", ("--compile",)))
+    assert modes == [("UNet2DConditionModel", None)]  # CUDA graphs ("reduce-overhead") on CUDA only
+    assert np.abs(compiled - eager).max() <= 1 and eager.std() > 5

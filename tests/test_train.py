@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,13 @@ from safetensors.torch import load_file
 
 import sample
 import train
+import train_vae
 from minroentgen import training
 from minroentgen.phantoms import phantom
 from minroentgen.data import ImageReportDataset, read_pairs
 from minroentgen.pipeline import StableDiffusion
 from minroentgen.tokenizer import CLIPTokenizer
+from minroentgen.vae import AutoencoderKL
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--resolution", "32", "--batch-size", "4", "--lr", "1e-3", "--warmup", "2",
@@ -251,23 +254,49 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(data, tmp_p
     assert not (tmp_path / "final").exists()
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_equal_one(data, tmp_path, sgd):
-    """torchrun runs train.py's main (with SGD patched in, see SGD_PATCH) in 2 processes over gloo."""
-    single = run(data, tmp_path / "one", "--max-steps", "3", *NO_CLIP)
+def torchrun(tmp_path, *argv, patch=""):
+    """train.py's main in 2 processes over gloo (SGD patched in, see SGD_PATCH); each process appends
+    its rank to tmp_path/ema-ranks when it makes an EMA."""
     script = tmp_path / "train_sgd.py"
-    script.write_text(f"import sys, torch\nsys.path.insert(0, {str(ROOT)!r})\n{SGD_PATCH}\n"
-                      "import train\ntrain.main()\n")
+    script.write_text(f"import os, sys, torch\nsys.path.insert(0, {str(ROOT)!r})\n{SGD_PATCH}\n{patch}\n"
+                      "import train\nfrom minroentgen import training\nmake = training.EMA.__init__\n"
+                      "def recorded(self, *a):\n"
+                      f"    open({str(tmp_path / 'ema-ranks')!r}, 'a').write(os.environ['RANK'])\n"
+                      "    make(self, *a)\n"
+                      "training.EMA.__init__ = recorded\ntrain.main()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           "--data", str(data), "--out", str(tmp_path / "two"), "--init", "tiny", *BASE, "--max-steps", "3",
-           "--micro-batch-size", "2",
-           *NO_CLIP]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           "--init", "tiny", *BASE, *map(str, argv)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(data, tmp_path, sgd):
+    """2 processes x 2 accumulated micro-batches of 1 = 4 images, with a checkpoint and validation
+    samples (rank 0 alone, the other waiting) mid-run: the same losses and weights as one process."""
+    extra = ["--max-steps", "3", *NO_CLIP, "--save-every", "2", "--sample-every", "2", "--val-prompts", "x",
+             "--val-steps", "1"]
+    single = run(data, tmp_path / "one", *extra)
+    done = torchrun(tmp_path, "--data", data, "--out", tmp_path / "two", *extra, "--micro-batch-size", "1")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "batch 4 = 1 x 2 accumulation x 2 processes" in done.stdout
     double = losses(tmp_path / "two")
     assert max(abs(single[s] - double[s]) for s in single) <= 1e-5
     assert max_diff(tensors(tmp_path / "one" / "final"), tensors(tmp_path / "two" / "final")) <= 1e-5
+    assert (tmp_path / "ema-ranks").read_text() == "0"  # final/ holds EMA weights: rank 0's are right
+    assert (tmp_path / "two" / "samples" / "step-000002.png").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_nan_validation_on_rank_0_ends_every_process(data, tmp_path):
+    patch = ("from minroentgen.vae import AutoencoderKL\n"
+             "AutoencoderKL.decode = lambda self, z: torch.full((len(z), 3, 32, 32), float('nan'))")
+    done = torchrun(tmp_path, "--data", data, "--out", tmp_path / "out", "--max-steps", "3",
+                    "--sample-every", "1", "--val-prompts", "x", "--val-steps", "1", patch=patch)
+    assert done.returncode != 0
+    assert "train.py: error: the validation samples at step 1 hold NaN or infinity" in done.stderr
+    assert "train.py: error: stopped: rank 0 failed (its message is above)" in done.stderr  # not killed
+    assert sorted(losses(tmp_path / "out")) == [1]
 
 
 def test_step_sampler_splits_each_global_batch_into_disjoint_slices():
@@ -462,3 +491,150 @@ def test_auto_precision_is_fp16_where_a_gpu_lacks_bf16(monkeypatch):
     for native, expected in ((True, "bf16"), (False, "fp16")):
         support["bf16"] = native
         assert training.auto_precision(torch.device("cuda")) == expected
+
+
+def test_default_micro_batch_holds_the_papers_pixels_per_gpu():
+    assert training.default_micro_batch(256, 512) == 8  # one GPU: 8 x 32 accumulation
+    assert training.default_micro_batch(32, 512) == 8 and training.default_micro_batch(12, 512) == 6
+    assert training.default_micro_batch(7, 512) == 7 and training.default_micro_batch(9, 512) == 3
+    assert training.default_micro_batch(256, 256) == 32 and training.default_micro_batch(256, 1024) == 2
+    assert training.default_micro_batch(16, 32) == 16 and training.default_micro_batch(5, 4096) == 1
+
+
+def test_out_of_gpu_memory_is_a_one_line_error_naming_the_remedies(data, tmp_path, monkeypatch, capsys):
+    def out_of_memory(self, *args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(training.Denoiser, "forward", out_of_memory)
+    asked = []
+    monkeypatch.setattr(training, "default_micro_batch", lambda *a: asked.append(a) or 1)  # as at 2048 px
+    with pytest.raises(SystemExit) as e:
+        run(data, tmp_path, "--max-steps", "2")
+    assert asked == [(4, 32)] and "batch 4 = 1 x 4 accumulation x 1 processes" in capsys.readouterr().out
+    message = str(e.value.code)
+    assert message.startswith("train.py: error: out of GPU memory at --micro-batch-size 1")
+    assert "--gradient-checkpointing" in message and "\n" not in message
+
+
+def test_resume_in_another_precision_and_on_another_device(data, tmp_path, monkeypatch):
+    """bf16 -> fp16 (no scaler state yet: a fresh scaler) -> bf16; a GPU run's fused AdamW resumed on
+    the CPU runs unfused, as this run chose for its device."""
+    out = tmp_path / "run"
+    run(data, out, "--max-steps", "2", "--precision", "bf16")
+    run(data, out, "--max-steps", "3", "--precision", "fp16", "--resume")
+    state, _ = training.load_training_state(out / "checkpoint-000003")
+    assert state["scaler"]["scale"] > 0
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = True  # as written on a GPU
+    torch.save(state, out / "checkpoint-000003" / "training_state.pt")
+    made = []
+
+    class Recorded(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    monkeypatch.setattr(torch.optim, "AdamW", Recorded)
+    assert sorted(run(data, out, "--max-steps", "4", "--precision", "bf16", "--resume")) == [1, 2, 3, 4]
+    assert [g["fused"] for g in made[0].param_groups] == [False]
+
+
+def test_load_optimizer_sets_fused_for_this_device():
+    model = torch.nn.Linear(2, 2)
+    cpu_run = torch.optim.AdamW(model.parameters(), fused=False)
+    model(torch.ones(1, 2)).sum().backward()
+    cpu_run.step()
+    gpu_run = torch.optim.AdamW(model.parameters(), fused=True)  # fused=True: what train.py asks on CUDA
+    training.load_optimizer(gpu_run, torch.amp.GradScaler("cpu", enabled=True),
+                            {"optimizer": cpu_run.state_dict(), "scaler": {}})
+    assert gpu_run.param_groups[0]["fused"] is True and gpu_run.state_dict()["state"][0]["step"] == 1
+
+
+def test_only_log_steps_wait_for_the_device(data, tmp_path, monkeypatch, sgd):
+    """Reading a number out of a tensor (.item(), .tolist(), bool(), float()) makes the host wait for
+    the GPU: train.py does it once a --log-every step, not every step (the loader's CPU index lists
+    aside, which are not floating point)."""
+    reads = []
+
+    def counting(original):
+        def read(self, *args):
+            reads.append(self.is_floating_point())
+            return original(self, *args)
+        return read
+    for name in ("item", "tolist", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    counts = {}
+    for steps in (2, 6):
+        reads.clear()
+        found = run(data, tmp_path / str(steps), "--max-steps", steps, "--log-every", 3,
+                    "--micro-batch-size", 2)
+        assert sorted(found) == sorted({3, 6, steps} & set(range(1, steps + 1)))
+        counts[steps] = sum(reads)
+    assert counts[6] == counts[2] + 1, counts  # one more log step, no reads for the other 4 steps
+
+
+def test_nan_validation_samples_are_a_one_line_error(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(AutoencoderKL, "decode",
+                        lambda self, z: torch.full((len(z), 3, 32, 32), float("nan")))
+    with pytest.raises(SystemExit) as e:
+        run(data, tmp_path, "--max-steps", "3", "--sample-every", "1", "--val-prompts", "x",
+            "--val-steps", "1")
+    message = str(e.value.code)
+    assert message.startswith("train.py: error: the validation samples at step 1 hold NaN or infinity")
+    assert "\n" not in message and sorted(losses(tmp_path)) == [1]
+
+
+def test_torchrun_setup_waits_an_hour_and_wants_a_gpu_a_process(data, tmp_path, monkeypatch):
+    argv = ["--data", str(data), "--out", str(tmp_path), "--init", "tiny", *BASE]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as e:  # torchrun --nproc_per_node 2 on a machine with one GPU
+        train.main([*argv, "--device", "cuda"])
+    assert e.value.code == ("train.py: error: process 1 on this machine has no GPU of its own (1 here); "
+                            "start at most 1 (torchrun --nproc_per_node 1)")
+    seen = {}
+
+    def init_process_group(backend, timeout=None):
+        seen.update(backend=backend, timeout=timeout)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    with pytest.raises(RuntimeError, match="stop here"):
+        train.main([*argv, "--device", "cpu"])
+    assert seen == {"backend": "gloo", "timeout": timedelta(hours=1)}  # rank 0 may write 16 GB alone
+
+
+def test_cuda_speedups_only_on_cuda(data, tmp_path, monkeypatch):
+    from minroentgen import pipeline
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    precision = torch.get_float32_matmul_precision()
+    pipeline.cuda_speedups(torch.device("cpu"))
+    assert (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()) == (False, precision)
+    try:
+        pipeline.cuda_speedups(torch.device("cuda", 1))
+        assert torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    asked = []  # train.py, train_vae.py and sample.py ask for them with their device
+    monkeypatch.setattr(pipeline, "cuda_speedups", asked.append)
+    run(data, tmp_path / "train", "--max-steps", "1", "--device", "cpu")
+    train_vae.main(["--data", str(data), "--out", str(tmp_path / "vae"), "--init", "tiny",
+                    "--resolution", "32", "--batch-size", "4", "--max-steps", "1", "--num-workers", "0",
+                    "--device", "cpu"])
+    sample.main(["x", "--weights", str(tmp_path / "train" / "final"), "--steps", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "samples")])
+    assert asked == [torch.device("cpu")] * 3
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_losses(data, tmp_path, sgd, monkeypatch):
+    """--compile (torch.compile of the UNet, in place: checkpoints keep their names); about two
+    minutes of compiling on a CPU."""
+    eager = run(data, tmp_path / "eager", "--max-steps", "2", *NO_CLIP)
+    asked, compile_module = [], torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: asked.append(
+        type(self).__name__) or compile_module(self, *a, **k))
+    compiled = run(data, tmp_path / "compiled", "--max-steps", "2", *NO_CLIP, "--compile")
+    assert asked == ["UNet2DConditionModel"]
+    assert max(abs(eager[s] - compiled[s]) for s in eager) <= 1e-4
+    assert max_diff(tensors(tmp_path / "eager" / "final"), tensors(tmp_path / "compiled" / "final")) <= 1e-4

@@ -168,3 +168,71 @@ def test_bad_input_gets_a_one_line_error(script, extra, says, data, tmp_path, ca
         script.main([*argv, "--out", str(tmp_path / "out"), "--num-workers", "0"])
     message = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith(f"{script.__name__}.py: error: ") and says in message and "\n" not in message
+
+
+def test_bf16_and_fp16_train_close_to_fp32_and_resume_in_another_precision(data, tmp_path):
+    fp32 = run(data, tmp_path / "fp32", "--max-steps", "3", "--precision", "fp32")
+    for precision in ("bf16", "fp16"):  # autocast runs on the CPU too
+        got = run(data, tmp_path / precision, "--max-steps", "3", "--precision", precision)
+        assert got != fp32, precision
+        assert max(abs(got[s] - fp32[s]) / fp32[s] for s in fp32) < 0.01, (precision, got, fp32)
+    resumed = run(data, tmp_path / "bf16", "--max-steps", "4", "--precision", "fp16", "--resume")
+    state, _ = training.load_training_state(tmp_path / "bf16" / "checkpoint-000004")
+    assert sorted(resumed) == [1, 2, 3, 4] and state["scaler"]["scale"] > 0  # a fresh scaler
+    resumed = run(data, tmp_path / "bf16", "--max-steps", "5", "--precision", "bf16", "--resume")
+    assert sorted(resumed)[-1] == 5
+
+
+def test_gradient_checkpointing_keeps_fewer_activations_for_the_same_gradients(data, tmp_path, monkeypatch):
+    from minroentgen import vae
+    from minroentgen.configs import VAE_PRESETS
+    model = AutoencoderKL(VAE_PRESETS["tiny"]).train()
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.randn(2, 4, 16, 16, generator=g)
+
+    def backward(checkpointing: bool):
+        model.encoder.gradient_checkpointing = model.decoder.gradient_checkpointing = checkpointing
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            loss = train_vae.vae_loss(model, x, eps, 1e-6)[0]
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return sum(kept), grads
+    (plain, plain_grads), (checkpointed, grads) = backward(False), backward(True)
+    assert checkpointed < plain / 2, (checkpointed, plain)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, grads))
+    calls, wrapped = [], vae.checkpoint
+    monkeypatch.setattr(vae, "checkpoint", lambda *a, **k: calls.append(1) or wrapped(*a, **k))
+    without = run(data, tmp_path / "plain", "--max-steps", "2")
+    assert not calls
+    with_it = run(data, tmp_path / "checkpointed", "--max-steps", "2", "--gradient-checkpointing")
+    assert calls and max(abs(without[s] - with_it[s]) for s in without) <= 1e-6
+
+
+def test_out_of_gpu_memory_is_a_one_line_error(data, tmp_path, monkeypatch):
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train_vae, "vae_loss", out_of_memory)
+    with pytest.raises(SystemExit) as e:
+        run(data, tmp_path, "--max-steps", "2")
+    assert e.value.code == ("train_vae.py: error: out of GPU memory at --batch-size 4 (32 px); give a "
+                            "smaller one or add --gradient-checkpointing")
+
+
+def test_only_log_steps_wait_for_the_device(data, tmp_path, monkeypatch):
+    """Reading a number out of a float tensor makes the host wait for the GPU: once a logged step.
+    (SGD: AdamW on the CPU reads its per-tensor step counts, which live on the CPU.)"""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, fused=None: torch.optim.SGD(params, lr=lr))
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _read=original: reads.append(
+            self.is_floating_point()) or _read(self, *a))
+    counts = {}
+    for steps in (2, 6):
+        reads.clear()
+        assert sorted(run(data, tmp_path / str(steps), "--max-steps", steps, "--log-every", 3)) == [
+            s for s in (2, 3, 6) if s <= steps and (s % 3 == 0 or s == steps)]
+        counts[steps] = sum(reads)
+    assert counts[6] == counts[2] + 1, counts  # one more logged step, no reads for the other 4 steps
