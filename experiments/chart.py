@@ -9,7 +9,7 @@ import math
 from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
-W, H, PAD = 420, 300, 52  # one panel, and its margin for the axes' labels
+W, H, PAD = 420, 320, 52  # one panel, and its margin for the axes' labels
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list:
@@ -26,7 +26,7 @@ def _panel(draw, x0: int, p: dict, font):
     ylo, yhi = (ylo - 0.05 * (yhi - ylo or 1), yhi + 0.05 * (yhi - ylo or 1))
     xlo, xhi = min(xs), max(xs)
     xlo, xhi = (xlo - 0.05 * (xhi - xlo or 1), xhi + 0.05 * (xhi - xlo or 1))
-    left, top, right, bottom = x0 + PAD, 28, x0 + W - 12, H - PAD + 8
+    left, top, right, bottom = x0 + PAD, 44, x0 + W - 12, H - PAD + 8
 
     def at(x, y):  # data -> pixels
         u = math.log10(x) if p.get("x_log") else x
@@ -53,7 +53,8 @@ def _panel(draw, x0: int, p: dict, font):
             draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=c)
             if "lo" in s:
                 draw.line([at(s["x"][i], s["lo"][i]), at(s["x"][i], s["hi"][i])], fill=c, width=1)
-        draw.text((right - 150, top + 6 + 14 * k), s["name"], fill=c, font=font)
+        legend_x = left + sum(len(t["name"]) * 6 + 16 for t in p["series"][:k])
+        draw.text((legend_x, 24), s["name"], fill=c, font=font)  # the legend, one line above the plot
 
 
 def chart(path, panels: list):

@@ -65,6 +65,12 @@ def main(argv=None):
     (a.out / "sweep.json").write_text(json.dumps({"settings": meta, "results": results}, indent=1))
     text = table(results)
     (a.out / "sweep.md").write_text(text)
+    plot(results, a.out / "sweep.png", d)
+    print(text)
+
+
+def plot(results: list, path: Path, d):
+    """FID, and MS-SSIM / present / unprompted, against steps and against guidance."""
     panels = []
     for sweep, label in (("steps", f"{d.scheduler} steps (guidance {d.guidance:g})"),
                          ("guidance", f"guidance scale ({d.steps} steps)")):
@@ -76,8 +82,7 @@ def main(argv=None):
                     "series": [{"name": "MS-SSIM", "x": x, "y": [r["ms_ssim"] for r in rs]},
                                {"name": "present", "x": x, "y": [r["present"] for r in rs]},
                                {"name": "unprompted", "x": x, "y": [r["unprompted"] for r in rs]}]}]
-    chart(a.out / "sweep.png", panels)
-    print(text)
+    chart(path, panels)
 
 
 def row(r: dict) -> str:
