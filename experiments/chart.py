@@ -2,7 +2,8 @@
 
     chart(path, panels): panels = [{"title", "x_label", "x_log": bool,
                                     "series": [{"name", "x": [...], "y": [...], "lo": [...], "hi": [...]}]}]
-lo/hi (optional) draw a vertical bar at each point: the spread over seeds.
+lo/hi (optional) draw a vertical bar at each point: the spread over seeds; "x_names" (optional) names
+categories placed at x = 0, 1, 2, ...
 """
 import math
 
@@ -42,7 +43,8 @@ def _panel(draw, x0: int, p: dict, font):
     for x in xt:
         u = at(x, ylo)[0]
         draw.line([u, bottom, u, bottom + 4], fill=(0, 0, 0))
-        draw.text((u - 8, bottom + 6), f"{x:g}", fill=(0, 0, 0), font=font)
+        name = p["x_names"][int(x)] if "x_names" in p else f"{x:g}"  # categories at x = 0, 1, ...
+        draw.text((u - 3 * len(name), bottom + 6), name, fill=(0, 0, 0), font=font)
     draw.text((left, H - 18), p["x_label"], fill=(0, 0, 0), font=font)
     for k, s in enumerate(p["series"]):
         c = COLOURS[k % len(COLOURS)]

@@ -31,6 +31,7 @@ from minroentgen.phantoms import openi
 from minroentgen.phantoms import reader as R
 from minroentgen.phantoms import reports as PR
 from minroentgen.pipeline import StableDiffusion
+from chart import chart
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"start": None, "unet": [], "text": ["--train-text-encoder", "--freeze-unet"],
@@ -92,6 +93,18 @@ def table(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(out: Path, path: Path):
+    """Present, side/zone and unprompted of each judged variant, one panel per prompt set."""
+    done = [v for v in VARIANTS if (out / v / "results.json").exists()]
+    res = {v: json.loads((out / v / "results.json").read_text()) for v in done}
+    panels = [{"title": f"{name} prompts", "x_label": "fine-tuned parts", "x_names": done,
+               "series": [{"name": label, "x": list(range(len(done))), "y": [res[v][name][k] for v in done]}
+                          for k, label in (("present", "present"), ("place", "side/zone"),
+                                           ("unprompted", "unprompted"))]}
+              for name in PROMPT_SETS if all(name in res[v] for v in done)]
+    chart(path, panels)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="experiments/finetune_parts.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +140,7 @@ def main(argv=None):
             (a.out / variant / "results.json").write_text(json.dumps(res, indent=1))
     text = table(a.out)
     (a.out / "finetune_parts.md").write_text(text)
+    plot(a.out, a.out / "finetune_parts.png")
     print(text)
 
 

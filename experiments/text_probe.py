@@ -27,6 +27,7 @@ from minroentgen.phantoms import phantom as P
 from minroentgen.phantoms import reader as R
 from minroentgen.phantoms import reports as PR
 from minroentgen.pipeline import StableDiffusion
+from chart import chart
 
 TRAIN_SEED, TEST_SEED = 5_151, 6_161  # report streams
 SIDES = {"effusion_side": ("pleural_effusion", ["left", "right"]), "pneumothorax_side": ("pneumothorax", ["left", "right"])}
@@ -85,6 +86,17 @@ def scores(feat: torch.Tensor, labels: list, feat_test: torch.Tensor, labels_tes
     return res
 
 
+def plot(results: dict, path: Path, style: str):
+    """Mean AUROC, the two hardest findings and both side accuracies, per encoder."""
+    names = list(results)
+    series = [("mean AUROC", lambda r: np.mean([r[f] for f in P.FINDINGS])), ("nodule", lambda r: r["nodule"]),
+              ("pneumothorax", lambda r: r["pneumothorax"]), ("eff. side", lambda r: r["effusion_side"]),
+              ("PTX side", lambda r: r["pneumothorax_side"])]
+    chart(path, [{"title": f"linear probe on {style} reports", "x_label": "text encoder", "x_names": names,
+                  "series": [{"name": n, "x": list(range(len(names))), "y": [float(f(results[k])) for k in names]}
+                             for n, f in series]}])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="experiments/text_probe.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,6 +134,7 @@ def main(argv=None):
         lines.append(f"| {name} | {np.mean([r[f] for f in P.FINDINGS]):.3f} | "
                      + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
     (a.out / f"text_probe_{a.style}.md").write_text("\n".join(lines) + "\n")
+    plot(results, a.out / f"text_probe_{a.style}.png", a.style)
     print("\n".join(lines))
 
 

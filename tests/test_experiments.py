@@ -74,3 +74,24 @@ def test_chart_ticks_are_round_and_span_the_range():
     ticks = chart._ticks(0.61, 0.93)
     assert ticks[0] >= 0.61 and ticks[-1] <= 0.93 and 3 <= len(ticks) <= 6
     assert np.allclose(np.diff(ticks), ticks[1] - ticks[0])
+
+
+def test_finetune_parts_trains_only_the_asked_parts_and_tabulates_them(tmp_path):
+    import finetune_parts
+    from safetensors.torch import load_file
+    phantom.write_dataset(tmp_path / "data", n=4, size=128, seed=5, style="mixed")
+    prompts = tmp_path / "prompts.json"
+    finetune_parts.main(["--data", "x", "--out", "x", "--prompts", str(prompts), "--write-prompts"])
+    assert len(json.loads(prompts.read_text())["prompts"]) == len({json.dumps(p.labels, sort_keys=True)
+                                                                   for p in finetune_parts.E.PROMPTS})
+    text = json.loads(prompts.read_text())
+    prompts.write_text(json.dumps({**text, "prompts": text["prompts"][:1]}))
+    finetune_parts.main(["--data", str(tmp_path / "data" / "reports.csv"), "--out", str(tmp_path / "parts"),
+                         "--variants", "text", "--steps", "1", "--prompts", str(prompts), "--trained", "1",
+                         "--seeds", "2", "--heldout", "8"])
+    start, tuned = (load_file(ROOT / "weights" / "default" / "unet" / "diffusion_pytorch_model.safetensors"),
+                    load_file(tmp_path / "parts" / "text" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(start[k].float(), tuned[k].float()) for k in start)  # the UNet stayed frozen
+    table = (tmp_path / "parts" / "finetune_parts.md").read_text()
+    assert "| text | clinical (1 x 2) |" in table and "| text | trained (1 x 2) |" in table
+    assert (tmp_path / "parts" / "finetune_parts.png").exists()
