@@ -56,7 +56,8 @@ def train(a, variant: str):
            "--save-every", str(a.steps), "--sample-every", "0", "--log-every", "50",
            "--out", str(a.out / variant), *VARIANTS[variant]]
     print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    if subprocess.run(cmd).returncode:
+        sys.exit(f"finetune_parts.py: error: train.py failed for the {variant} variant (its message is above)")
 
 
 def judge(a, variant: str) -> dict:

@@ -13,6 +13,7 @@ Writes OUT/sweep.json, .md (the table) and .png (FID, MS-SSIM and present agains
 """
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from minroentgen.phantoms import judge as E
 from minroentgen.phantoms import reader as R
 from minroentgen.pipeline import StableDiffusion
+from minroentgen.weights import WeightsError
 from chart import chart
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "default"
@@ -40,7 +42,10 @@ def main(argv=None):
     ap.add_argument("--heldout", type=int, default=1000, help="held-out phantoms for the FID (default 1000)")
     ap.add_argument("--out", type=Path, default=Path("docs/experiments"), help="output folder (default docs/experiments)")
     a = ap.parse_args(argv)
-    sd = StableDiffusion.from_pretrained(a.weights)
+    try:
+        sd = StableDiffusion.from_pretrained(a.weights)
+    except (WeightsError, OSError) as e:
+        sys.exit(f"sweep.py: error: {e}")
     d = sd.defaults
     prompts = E.spread([p for p in E.PROMPTS if p.wording == "trained"], a.prompts)
     reader = R.load()

@@ -33,7 +33,10 @@ REAL_SEED, TEST_SEED = 777, 31_339  # phantom data sets: the small real set, the
 
 def load_synthetic(path: Path) -> tuple:
     """generate.py's reports.csv -> images (N, 1, 128, 128) in [0, 1] and the labels copied through."""
-    rows = read_rows(path)
+    try:
+        rows = read_rows(path)
+    except (OSError, ValueError) as e:
+        sys.exit(f"synthetic_data.py: error: cannot read --synthetic {path}: {e}")
     if not rows or "labels" not in rows[0]:
         sys.exit(f"synthetic_data.py: error: {path} has no labels column: generate it from a phantom "
                  "reports.csv (python -m minroentgen.phantoms --out DIR), whose labels generate.py copies")

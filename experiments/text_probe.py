@@ -15,6 +15,7 @@ over its tokens up to the end token. Writes OUT/text_probe_<style>.json and .md.
 """
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from minroentgen.phantoms import phantom as P
 from minroentgen.phantoms import reader as R
 from minroentgen.phantoms import reports as PR
 from minroentgen.pipeline import StableDiffusion
+from minroentgen.weights import WeightsError
 from chart import chart
 
 TRAIN_SEED, TEST_SEED = 5_151, 6_161  # report streams
@@ -97,12 +99,20 @@ def plot(results: dict, path: Path, style: str):
                              for n, f in series]}])
 
 
+def load(path) -> StableDiffusion:
+    try:
+        return StableDiffusion.from_pretrained(path)
+    except (WeightsError, OSError) as e:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="experiments/text_probe.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encoders", nargs="+", required=True, metavar="NAME=WEIGHTS",
                     help="text encoders to probe: a name and a model folder (its text_encoder/ and tokenizer/)")
-    ap.add_argument("--style", default="classic", help="the report writer's style (default classic)")
+    ap.add_argument("--style", default="classic", choices=["classic", "clinical", "mixed"],
+                    help="the report writer's style (default classic)")
     ap.add_argument("--train", type=int, default=2000, help="reports the probe is fitted on (default 2000)")
     ap.add_argument("--test", type=int, default=2000, help="reports it is scored on (default 2000)")
     ap.add_argument("--out", type=Path, default=Path("docs/experiments"), help="output folder")
@@ -112,8 +122,8 @@ def main(argv=None):
     texts_t, labels_t = reports(a.test, TEST_SEED, a.style)
     results = {}
     for spec in a.encoders:
-        name, path = spec.split("=", 1)
-        sd = StableDiffusion.from_pretrained(path)
+        name, path = spec.split("=", 1) if "=" in spec else ap.error(f"--encoders {spec!r}: give NAME=WEIGHTS")
+        sd = load(path)
         enc = sd.text_encoder
         results[name] = scores(features(enc, sd.tokenizer, texts), labels,
                                features(enc, sd.tokenizer, texts_t), labels_t)
