@@ -63,13 +63,14 @@ def train(a, variant: str):
 def judge(a, variant: str) -> dict:
     sd = StableDiffusion.from_pretrained(a.start if variant == "start" else a.out / variant / "final")
     reader = R.load()
+    held_feat = E.heldout_features(reader, a.heldout, sd.defaults.height)  # shared by the prompt sets
     sets = {"clinical": E.load_prompts(a.prompts),
             "trained": E.spread([p for p in E.PROMPTS if p.wording == "trained"], a.trained)}
     if a.openi:
         sets["openi dev"] = openi.prompts(a.openi, ("dev",))
     res = {}
     for name, prompts in sets.items():
-        report, _ = E.run(sd, reader, prompts, seeds=a.seeds, heldout_n=a.heldout, progress=False)
+        report, _ = E.run(sd, reader, prompts, seeds=a.seeds, held_feat=held_feat, progress=False)
         g = next(g for g in report["groups"] if g["group"] == "all")
         res[name] = {k: g[k] for k in ("prompts", "samples", "present", "place", "unprompted", "fid_heldout",
                                        "ms_ssim")}

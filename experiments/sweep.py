@@ -49,6 +49,7 @@ def main(argv=None):
     d = sd.defaults
     prompts = E.spread([p for p in E.PROMPTS if p.wording == "trained"], a.prompts)
     reader = R.load()
+    held_feat = E.heldout_features(reader, a.heldout, d.height)  # the same for every setting
     settings = [("steps", int(s), d.guidance) for s in a.steps.split(",")]
     settings += [("guidance", d.steps, float(g)) for g in a.guidance.split(",")]
     results, t0 = [], time.time()
@@ -57,7 +58,7 @@ def main(argv=None):
         if done is None:
             t = time.time()
             report, _ = E.run(sd, reader, prompts, seeds=a.seeds, steps=steps, guidance=guidance,
-                              heldout_n=a.heldout, progress=False)
+                              held_feat=held_feat, progress=False)
             g = next(g for g in report["groups"] if g["group"] == "all")
             done = {"steps": steps, "guidance": guidance, "seconds": round(time.time() - t),
                     **{k: g[k] for k in ("present", "place", "unprompted", "fid_heldout", "fid_same", "ms_ssim",

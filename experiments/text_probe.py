@@ -120,20 +120,15 @@ def main(argv=None):
     t0 = time.time()
     texts, labels = reports(a.train, TRAIN_SEED, a.style)
     texts_t, labels_t = reports(a.test, TEST_SEED, a.style)
+    specs = [spec.split("=", 1) if "=" in spec else ap.error(f"--encoders {spec!r}: give NAME=WEIGHTS")
+             for spec in a.encoders]
+    models = [(name, sd.text_encoder, sd.tokenizer) for name, sd in ((n, load(p)) for n, p in specs)]
+    torch.manual_seed(0)  # the floor: a random encoder of the first one's shape
+    models.insert(0, ("random", CLIPTextModel(models[0][1].config).eval(), models[0][2]))
     results = {}
-    for spec in a.encoders:
-        name, path = spec.split("=", 1) if "=" in spec else ap.error(f"--encoders {spec!r}: give NAME=WEIGHTS")
-        sd = load(path)
-        enc = sd.text_encoder
-        results[name] = scores(features(enc, sd.tokenizer, texts), labels,
-                               features(enc, sd.tokenizer, texts_t), labels_t)
-        if name == next(iter(s.split("=")[0] for s in a.encoders)):  # a random encoder of the same shape
-            torch.manual_seed(0)
-            rand = CLIPTextModel(enc.config).eval()
-            results["random"] = scores(features(rand, sd.tokenizer, texts), labels,
-                                       features(rand, sd.tokenizer, texts_t), labels_t)
+    for name, enc, tokenizer in models:
+        results[name] = scores(features(enc, tokenizer, texts), labels, features(enc, tokenizer, texts_t), labels_t)
         print(name, {k: round(v, 3) for k, v in results[name].items()}, f"({time.time() - t0:.0f} s)", flush=True)
-    results = {"random": results.pop("random"), **results}
     a.out.mkdir(parents=True, exist_ok=True)
     meta = {**{k: str(v) for k, v in vars(a).items()}, "seconds": round(time.time() - t0)}
     (a.out / f"text_probe_{a.style}.json").write_text(json.dumps({"settings": meta, "results": results}, indent=1))

@@ -95,3 +95,12 @@ def test_finetune_parts_trains_only_the_asked_parts_and_tabulates_them(tmp_path)
     table = (tmp_path / "parts" / "finetune_parts.md").read_text()
     assert "| text | clinical (1 x 2) |" in table and "| text | trained (1 x 2) |" in table
     assert (tmp_path / "parts" / "finetune_parts.png").exists()
+
+
+def test_heldout_features_computed_once_give_the_same_report():
+    from minroentgen.phantoms import judge as E
+    reader, prompts = R.load(), E.PROMPTS[:2]
+    alone, _ = E.run(None, reader, prompts, seeds=2, heldout_n=8, progress=False)
+    shared, _ = E.run(None, reader, prompts, seeds=2, progress=False,
+                      held_feat=E.heldout_features(reader, 8, 128))
+    assert alone == shared

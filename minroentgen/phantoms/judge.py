@@ -160,6 +160,11 @@ def heldout(n: int, size: int, progress: bool = False) -> np.ndarray:
                      for k in tqdm(range(n), desc="held-out phantoms", disable=not progress)])
 
 
+def heldout_features(reader, n: int, size: int, progress: bool = False) -> torch.Tensor:
+    """Reader features (n, 512) of n held-out phantoms at `size` px: the FID's reference."""
+    return read(reader, resize(heldout(n, size, progress), R.SIZE))[1]
+
+
 def phantoms_like(labels: dict, n: int, size: int, stream: int) -> np.ndarray:
     """n phantoms showing exactly `labels` (different patients), (n, size, size) uint8."""
     rngs = [np.random.default_rng([stream, _labels_seed(labels), i]) for i in range(n)]
@@ -221,15 +226,18 @@ def judge(prob: dict, labels: dict) -> dict:
 
 
 def run(sd, reader, prompts=PROMPTS, seeds: int = 16, seed: int = 0, steps=None, guidance=None,
-        scheduler=None, guidance_rescale=None, size: int = 128, heldout_n: int = 1000, progress: bool = True, reconstruct: bool = False):
+        scheduler=None, guidance_rescale=None, size: int = 128, heldout_n: int = 1000, progress: bool = True,
+        reconstruct: bool = False, held_feat=None):
     """Generate `seeds` samples per prompt at the model's size (or, with sd=None, render `size`-px
     phantoms of its labels; with reconstruct=True, those phantoms through the model's VAE), read and
     measure them. Returns (report, images): report = {"prompts": rows, "groups": rows} (JSON-able),
-    images = one (seeds, H, W) uint8 array per prompt."""
+    images = one (seeds, H, W) uint8 array per prompt. held_feat: `heldout_features` computed once for
+    several runs at the same size (else computed here)."""
     if sd is not None:
         size = sd.defaults.height
     norm = R.SIZE  # everything is judged at the reader's input size
-    _, held_feat = read(reader, resize(heldout(heldout_n, size, progress), norm))
+    if held_feat is None:
+        held_feat = heldout_features(reader, heldout_n, size, progress)
     rows, images, feats, ref_feats, refs = [], [], [], [], {}
     for p in tqdm(prompts, desc="prompts", disable=not progress):
         if sd is None or reconstruct:
