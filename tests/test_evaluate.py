@@ -11,6 +11,8 @@ from PIL import Image
 
 import evaluate as script
 from minroentgen import metrics as M
+from minroentgen.phantoms import classic as CLA
+from minroentgen.phantoms import clinical as CLI
 from minroentgen.phantoms import judge as E
 from minroentgen.phantoms import phantom as P
 from minroentgen.phantoms import reports as PR
@@ -146,8 +148,8 @@ def test_held_out_prompts_are_never_written_in_any_style(style):
     texts = normalise(" ".join(PR.write_report(lab, rng, style) for lab in labels))
     attrs = [dict(side=si, Side=si, size=sz, lobe=f"{z} lobe", area=a, np="", Np="", cm="4")
              for si in ("left", "right") for sz in ("small", "moderate", "large") for z in P.ZONES
-             for a in sum(PR.AREA.values(), [])]
-    tables = [*PR.CLINICAL_NP.values(), *PR.CLINICAL_SAY.values(), *PR.CLINICAL_DEVICE_SAY.values()]
+             for a in sum(CLI.AREA.values(), [])]
+    tables = [*CLI.CLINICAL_NP.values(), *CLI.CLINICAL_SAY.values(), *CLI.CLINICAL_DEVICE_SAY.values()]
     every = {normalise(t.format(**a)) for ts in tables for t in ts for a in attrs} - {""}
     for p in held_out_prompts():
         assert normalise(p.text) not in texts, p.text
@@ -166,8 +168,8 @@ def test_unseen_wordings_are_never_written_by_phantom():
     for p in unseen + blind:
         assert normalise(p.text) not in texts, p.text
     # every template the writer has, filled with every attribute value it can give, is a different sentence
-    every = {normalise(PR.fill(t, dict(side=si, size=sz, zone=z)))
-             for ts in [*PR.SAY.values(), *PR.NEGATE.values(), PR.NORMAL] for t in ts
+    every = {normalise(CLA.fill(t, dict(side=si, size=sz, zone=z)))
+             for ts in [*CLA.SAY.values(), *CLA.NEGATE.values(), CLA.NORMAL] for t in ts
              for si in ("left", "right", "bilateral") for sz in ("small", "moderate", "large") for z in P.ZONES}
     assert not {normalise(p.text) for p in unseen + blind} & every
     assert sum(normalise(p.text) in sentences for p in trained) >= 25  # the trained ones do occur in reports

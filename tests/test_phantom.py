@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from minroentgen.phantoms import phantom as P
+from minroentgen.phantoms import classic as CLA
+from minroentgen.phantoms import clinical as CLI
 from minroentgen.phantoms import reports as PR
 
 S = 128  # most pixel checks run at the size the default generative model is expected to use
@@ -84,7 +86,7 @@ def test_csv_format(tmp_path):
         labels = json.loads(row["labels"])
         assert set(labels) <= set(P.FINDINGS) and row["report"].endswith(".")
         if labels == {}:
-            assert any(s in row["report"] for s in PR.NORMAL)
+            assert any(s in row["report"] for s in CLA.NORMAL)
     from PIL import Image
     im = Image.open(tmp_path / rows[0]["image"])
     assert im.mode == "L" and im.size == (64, 64)
@@ -257,7 +259,7 @@ SIZE_WORDS = {"small": "small|tiny|trace|minimal|subcentimeter|mm", "moderate": 
 PLACE = {"upper": "upper|apex|apical", "lower": "lower|base|basilar"}  # a lobe, apex or base
 BOTH = "bilateral|both|left and right|right and left"
 NEGATED = r"^(no|negative|without)\b|\bnot\b|\bnormal\b|\bclear\b|unremarkable"  # whole sentence
-ALL_NORMAL = [re.sub(r"[^a-z ]", "", s.lower()) for s in PR.NORMAL + PR.CLINICAL_NORMAL]
+ALL_NORMAL = [re.sub(r"[^a-z ]", "", s.lower()) for s in CLA.NORMAL + CLI.CLINICAL_NORMAL]
 
 
 def clauses(report):
@@ -457,17 +459,17 @@ def test_report_variety_for_one_label_set():
     firsts = {r.split(".")[0] for r in reports}
     assert len(firsts) >= 4 and any("costophrenic" in r for r in reports)
     normals = {PR.write_report({}, rng) for _ in range(200)}
-    assert sum(any(n in r for r in normals) for n in PR.NORMAL) >= 4
+    assert sum(any(n in r for r in normals) for n in CLA.NORMAL) >= 4
     clinical = {PR.write_report(labels, rng, "clinical") for _ in range(200)}
     assert len(clinical) > 150 and any("costophrenic" in r for r in clinical)
 
 
 def test_no_template_written_twice():
-    tables = [*PR.SAY.items(), *PR.NEGATE.items(), ("normal", PR.NORMAL), *PR.CLINICAL_NP.items(),
-              *PR.CLINICAL_SAY.items(), *PR.CLINICAL_DEVICE_NP.items(),
-              *PR.CLINICAL_DEVICE_SAY.items(), *PR.NEG_NOUNS.items(),
-              ("clinical normal", PR.CLINICAL_NORMAL), ("otherwise", PR.OTHERWISE),
-              ("device frames", PR.DEVICE_FRAMES), ("neg one", PR.NEG_ONE),
-              ("heart", PR.NORMAL_HEART)]
+    tables = [*CLA.SAY.items(), *CLA.NEGATE.items(), ("normal", CLA.NORMAL), *CLI.CLINICAL_NP.items(),
+              *CLI.CLINICAL_SAY.items(), *CLI.CLINICAL_DEVICE_NP.items(),
+              *CLI.CLINICAL_DEVICE_SAY.items(), *CLI.NEG_NOUNS.items(),
+              ("clinical normal", CLI.CLINICAL_NORMAL), ("otherwise", CLI.OTHERWISE),
+              ("device frames", CLI.DEVICE_FRAMES), ("neg one", CLI.NEG_ONE),
+              ("heart", CLI.NORMAL_HEART)]
     for name, options in tables:
         assert len(set(options)) == len(options), name

@@ -5,7 +5,9 @@ checks its text-to-image models on pictures whose labels say exactly what they s
 
     anatomy.py   patient, pixel grid in patient coordinates, lungs, vessels, bones
     findings.py  one drawing function per finding (effusion, pneumothorax, nodule, devices, ...)
-    reports.py   the report writer: labels -> an impression in many phrasings, in three styles
+    classic.py   the classic report style: labels -> an impression in many phrasings (frozen)
+    clinical.py  the clinical report style: constructions of real impressions (issue 30)
+    reports.py   the report writer: labels -> an impression in either style, or a mix
     phantom.py   labels, render, the data set writer (`python -m minroentgen.phantoms --out DIR`)
     reader.py    a small CNN that reads findings off a phantom: the radiologist of the evaluation
     judge.py     text control: prompts, samples, what the reader sees, FID and MS-SSIM per group
