@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from minroentgen import pipeline
 from minroentgen import training as T
-from minroentgen.data import ImageReportDataset, default_workers, read_pairs
+from minroentgen.data import read_pairs
+from minroentgen.dataset import ImageReportDataset, default_workers
 from minroentgen.pipeline import StableDiffusion
 from minroentgen.noise_schedule import NoiseSchedule
 

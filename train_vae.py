@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from minroentgen import pipeline, vae
 from minroentgen import training as T
 from minroentgen.configs import VAE_PRESETS
-from minroentgen.data import ImageReportDataset, default_workers, read_pairs
+from minroentgen.data import read_pairs
+from minroentgen.dataset import ImageReportDataset, default_workers
 
 
 def parse_args(argv=None):

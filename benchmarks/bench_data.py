@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import write_results  # noqa: E402
 
-from minroentgen.data import load_image  # noqa: E402
+from minroentgen.dataset import load_image  # noqa: E402
 
 
 def load_image_before(path, resolution: int) -> torch.Tensor:

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minroentgen.data import (ImageReportDataset, Pair, default_workers, load_image, openi_report,
-                              read_pairs, read_views)
+from minroentgen.data import Pair, openi_report, read_pairs, read_views
+from minroentgen.dataset import ImageReportDataset, default_workers, load_image
 from minroentgen.report_text import extract_impression, report_sections
 
 # ----------------------------------------------------------------------------- report texts
@@ -739,11 +739,11 @@ def test_default_workers_share_the_cores(monkeypatch):
 def test_train_cache_latents_decodes_each_image_once(tmp_path, monkeypatch):
     phantom = pytest.importorskip("minroentgen.phantoms.phantom")
     train = pytest.importorskip("train")
-    from minroentgen import data
+    from minroentgen import dataset
     phantom.write_dataset(tmp_path / "phantoms", n=8, size=64, seed=0)
     decoded = []
-    real = data.load_image
-    monkeypatch.setattr(data, "load_image", lambda path, *a, **k: decoded.append(path) or real(path, *a, **k))
+    real = dataset.load_image
+    monkeypatch.setattr(dataset, "load_image", lambda path, *a, **k: decoded.append(path) or real(path, *a, **k))
     args = ["--data", str(tmp_path / "phantoms" / "reports.csv"), "--init", "tiny", "--resolution", "32",
             "--batch-size", "4", "--max-steps", "4", "--num-workers", "0", "--sample-every", "0", "--val-prompts",
             "--save-every", "100", "--ema-decay", "0"]

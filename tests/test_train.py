@@ -17,7 +17,8 @@ import train
 import train_vae
 from minroentgen import training
 from minroentgen.phantoms import phantom
-from minroentgen.data import ImageReportDataset, read_pairs
+from minroentgen.data import read_pairs
+from minroentgen.dataset import ImageReportDataset
 from minroentgen.pipeline import StableDiffusion
 from minroentgen.tokenizer import CLIPTokenizer
 from minroentgen.vae import AutoencoderKL

@@ -10,7 +10,8 @@ import train
 import train_vae
 from minroentgen import training
 from minroentgen.phantoms import phantom
-from minroentgen.data import ImageReportDataset, read_pairs
+from minroentgen.data import read_pairs
+from minroentgen.dataset import ImageReportDataset
 from minroentgen.configs import VAEConfig
 from minroentgen.vae import AutoencoderKL
 
