@@ -39,10 +39,13 @@ import torch
 from tqdm.auto import tqdm
 
 from minroentgen import pipeline, vae
+from minroentgen import checkpoints as C
+from minroentgen import optimization as O
 from minroentgen import training as T
 from minroentgen.configs import VAE_PRESETS
 from minroentgen.data import read_pairs
 from minroentgen.dataset import ImageReportDataset, default_workers
+from minroentgen.trainer import check_ranges
 
 
 def parse_args(argv=None):
@@ -91,9 +94,9 @@ def parse_args(argv=None):
     for flag in ("out", "weights"):
         if getattr(args, flag) == "":
             p.error(f"--{flag} is empty; give a path")
-    T.check_ranges(p, args, at_least_1=("max_steps", "batch_size", "resolution", "save_every", "sample_every",
-                                        "log_every"),
-                   at_least_0=("keep", "warmup", "kl_weight", "num_workers"), positive=("lr", "max_grad_norm"))
+    check_ranges(p, args, at_least_1=("max_steps", "batch_size", "resolution", "save_every", "sample_every",
+                                      "log_every"),
+                 at_least_0=("keep", "warmup", "kl_weight", "num_workers"), positive=("lr", "max_grad_norm"))
     return args
 
 
@@ -111,13 +114,13 @@ class Images(T.PositionDataset):
 
 
 class VAEFolder:
-    """What `training.save_checkpoint` needs of a model: `save_pretrained(folder)`, here writing folder/vae/."""
+    """What `checkpoints.save_checkpoint` needs of a model: `save_pretrained(folder)`, here writing folder/vae/."""
 
     def __init__(self, model):
         self.model = model
 
     def save_pretrained(self, folder):
-        T.save_vae(Path(folder) / "vae", self.model)
+        C.save_vae(Path(folder) / "vae", self.model)
 
 
 def vae_loss(model, x, eps, kl_weight: float, train_encoder: bool = True):
@@ -143,7 +146,7 @@ def scaling_factor(model, dataset, batch_size: int, device, batches: int = 4) ->
 def reconstruct(model, x, path: Path) -> dict:
     """Save inputs (top row) above their reconstructions through the posterior mean; their L1 and PSNR."""
     reconstruction = model.decode(model.encode(x).mode()).clamp(-1, 1)
-    T.save_grid(torch.cat([x, reconstruction]).cpu(), path, cols=len(x))
+    C.save_grid(torch.cat([x, reconstruction]).cpu(), path, cols=len(x))
     mse = ((reconstruction - x) / 2).pow(2).mean().item()  # on the [0, 1] scale
     return {"val_l1": (reconstruction - x).abs().mean().item(), "val_psnr": 10 * math.log10(1 / max(mse, 1e-12))}
 
@@ -156,12 +159,12 @@ def main(argv=None):
         error("--device cuda, but this torch build sees no CUDA GPU; use --device cpu")
     device, out = torch.device("cuda" if cuda else "cpu"), Path(args.out)
     pipeline.cuda_speedups(device)
-    precision, autocast, scaler = T.mixed_precision(args.precision, device)
+    precision, autocast, scaler = O.mixed_precision(args.precision, device)
     try:
-        T.check_out(out, args.resume)
-        resume, state, _ = T.find_resume(out, True, args.max_steps) if args.resume else (None, None, None)
+        C.check_out(out, args.resume)
+        resume, state, _ = C.find_resume(out, True, args.max_steps) if args.resume else (None, None, None)
         if resume or args.weights:
-            model = T.load_vae(resume or args.weights, device)
+            model = C.load_vae(resume or args.weights, device)
         else:
             with torch.random.fork_rng(devices=[]):  # nn.Module initialisers draw from the global generator
                 torch.manual_seed(args.seed)
@@ -188,7 +191,7 @@ def main(argv=None):
         if state.get("decoder_only", False) != args.decoder_only:
             error(f"--resume: {resume} was trained {'with' if state.get('decoder_only') else 'without'} "
                   "--decoder-only; give the same to continue it")
-        T.load_optimizer(opt, scaler, state)
+        C.load_optimizer(opt, scaler, state)
         start = state["step"]
         print(f"resuming from {resume} at step {start}")
     latent_shape = (model.config.latent_channels, args.resolution // f, args.resolution // f)
@@ -204,21 +207,21 @@ def main(argv=None):
     shown = torch.stack([dataset[i]["pixel_values"] for i in range(min(8, len(dataset)))]).to(device)
 
     def save(step):  # the checkpoint's vae/config.json carries the scaling factor of its latents
-        if problem := T.blown_up(trained, step, out):
+        if problem := C.blown_up(trained, step, out):
             error(problem)
         if not args.decoder_only:
             model.config = replace(model.config, scaling_factor=scaling_factor(model, dataset, args.batch_size, device))
         state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                  "batch_size": args.batch_size, "seed": args.seed,
                  "decoder_only": args.decoder_only, "args": json.dumps(vars(args))}
-        T.save_checkpoint(T.checkpoint_path(out, step), VAEFolder(model), None, state, args.keep)
+        C.save_checkpoint(C.checkpoint_path(out, step), VAEFolder(model), None, state, args.keep)
 
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=args.max_steps, initial=start, desc="training the VAE")
     step, t_log, step_log = start, time.time(), start
     try:  # the device runs ahead of this loop: only a step that logs waits for it (.tolist())
         while step < args.max_steps:
-            lr = args.lr * T.lr_factor(step, args.warmup, args.max_steps, "cosine")
+            lr = args.lr * O.lr_factor(step, args.warmup, args.max_steps, "cosine")
             for group in opt.param_groups:
                 group["lr"] = lr
             b = next(batches)
@@ -238,14 +241,14 @@ def main(argv=None):
                 loss_value, l1_value, kl_value = torch.stack([loss, l1, kl]).tolist()
                 if not math.isfinite(loss_value):
                     error(f"loss is {loss_value} at step {step}; stopped without saving (last good "
-                          f"checkpoint: {T.latest_checkpoint(out) or 'none'}); try a lower --lr")
+                          f"checkpoint: {C.latest_checkpoint(out) or 'none'}); try a lower --lr")
                 bar.set_postfix(l1=f"{l1_value:.4f}", kl=f"{kl_value:.0f}", lr=f"{lr:.2e}")
                 record = reconstruct(model, shown, out / "samples" / f"step-{step:06d}.png") if sample else {}
                 now = time.time()
                 record = {"step": step, "loss": loss_value, "l1": l1_value, "kl": kl_value, "lr": lr,
                           "images_per_second": args.batch_size * (step - step_log) / max(now - t_log, 1e-9),
                           "time": now, **record}
-                T.append_log(out / "log.jsonl", record)
+                C.append_log(out / "log.jsonl", record)
                 t_log, step_log = now, step
             if step % args.save_every == 0 or step == args.max_steps:
                 save(step)
@@ -253,7 +256,7 @@ def main(argv=None):
         error(f"out of GPU memory at --batch-size {args.batch_size} ({args.resolution} px); give a "
               "smaller one or add --gradient-checkpointing")
     bar.close()
-    T.save_vae(out / "vae", model)  # the last checkpoint's weights and scaling factor
+    C.save_vae(out / "vae", model)  # the last checkpoint's weights and scaling factor
     print(f"wrote {out / 'vae'}; scaling_factor = {model.config.scaling_factor:.5f} (1 / std of the latents, "
           f"in its config.json); next: python train.py --init PRESET --vae {out} ...")
 

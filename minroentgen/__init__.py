@@ -12,9 +12,15 @@ Read it in the order the data flows, each file next to its paper:
     6. schedulers.py      z_t -> z_prev samplers        DDPM eqs. 6-7, DDIM eq. 12, PNDM eqs. 9, 12
     7. pipeline.py        prompt -> image               guidance (Ho & Salimans 2022, eq. 6)
     8. training.py        the fine-tuning objective     DDPM Alg. 1, LDM Eq. 3; RoentGen's Methods
+       optimization.py    EMA, precision, lr schedule   LDM's LitEma; SGDR (Loshchilov & Hutter 2017)
+       checkpoints.py     a run's folder, resume
+       trainer.py         the training loop (DDP)       RoentGen's Methods
        data.py            image-report pairs            MIMIC-CXR, Open-I, CSV/JSONL
+       tables.py          CSV/JSONL tables, .gz or not
+       mimic_iv.py        age, sex, race of a patient   MIMIC-IV hosp/patients, admissions
        report_text.py     a report's impression         MIMIC-CXR's section parser
        prompts.py         demographic prompt templates  RoentGen-v2 (Moroianu et al. 2025)
+       dataset.py         pairs -> training examples    RoentGen's Methods (512 px, 77 tokens)
     9. metrics.py         FID, MS-SSIM                  Heusel et al. 2017; Wang et al. 2003
 
 Plumbing, to read when needed: configs.py (the config.json of each model, as dataclasses),

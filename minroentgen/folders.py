@@ -17,7 +17,7 @@ RoentGen's image metrics (Chambon et al. 2022) on any two folders of PNG/JPEG im
     more diverse. Prompts come from the generated folder (`fake_images`).
 
 Images: 8-bit gray, RGB(A) or palette (to luminance) or 16-bit gray (divided by 2^b - 1, b the
-fewest bits, at least 8, that hold the image's largest value, as `data.py` reads them for
+fewest bits, at least 8, that hold the image's largest value, as `dataset.py` reads them for
 training), any size; every image goes to [0, 1]. torchxrayvision is not a dependency: it is
 imported only for `xrv`.
 """

@@ -1,5 +1,6 @@
-"""The training recipe of RoentGen: fine-tune Stable Diffusion's UNet (and text encoder) on
-image-report pairs.
+"""The training step of RoentGen, which fine-tunes Stable Diffusion's UNet (and text encoder) on
+image-report pairs: the loss, the stream of samples and their random draws, a random model to
+train from scratch. trainer.py runs the steps; optimization.py and checkpoints.py serve it.
 
 Objective (LDM, Rombach et al. 2022, Eq. 3; DDPM, Ho et al. 2020, Eq. 14 "simple" loss). One step is
 DDPM's Algorithm 1 on the frozen VAE's latents; where each line happens:
@@ -11,7 +12,7 @@ DDPM's Algorithm 1 on the frozen VAE's latents; where each line happens:
     pred = eps_theta(z_t, t, tau(report))                Denoiser.forward: unet(z_t, t, context),
                                                          tau = the text encoder
     loss = || eps - pred ||^2   (or v - pred)            Denoiser.forward
-    gradient step on the UNet (and the text encoder)     train.py
+    gradient step on the UNet (and the text encoder)     trainer.py
 
 Randomness is a function of the sample's position in the training stream, not of the process that
 draws it: position p = 0, 1, 2, ... is dataset index perm_e[p mod N] of epoch e = p // N, and its
@@ -23,28 +24,19 @@ without gradient accumulation, see the same samples with the same noise and aver
 losses.
 """
 import hashlib
-import json
-import math
 import re
-import shutil
 import warnings
-from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from . import clip, unet, vae
-from .configs import CLIP_PRESETS, SCHEDULER_PRESETS, UNET_PRESETS, VAE_PRESETS, VAEConfig
-from .pipeline import SamplingDefaults, StableDiffusion, image_grid, to_grayscale_uint8
+from .configs import CLIP_PRESETS, SCHEDULER_PRESETS, UNET_PRESETS, VAE_PRESETS
+from .pipeline import SamplingDefaults, StableDiffusion
 from .tokenizer import CLIPTokenizer
 from .vae import DiagonalGaussian
-from .weights import (DIFFUSERS_VERSION, WeightsError, check_state_dict, read_state_dict,
-                      written_atomically)
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -208,7 +200,7 @@ class StepSampler:
             s += 1
 
 
-# ----------------------------------------------------------------------------- models, optimisation
+# ----------------------------------------------------------------------------- models
 
 PRESET_NAMES = sorted(UNET_PRESETS.keys() & VAE_PRESETS.keys()
                       & CLIP_PRESETS.keys())  # "sd15", "small", "tiny"
@@ -234,241 +226,3 @@ def random_model(preset: str, resolution: int, seed: int, device="cpu",
     models = [m.to(device).eval().requires_grad_(False) for m in models]
     return StableDiffusion(CLIPTokenizer.default(), *models, SCHEDULER_PRESETS["sd15"],
                            SamplingDefaults(height=resolution, width=resolution))
-
-
-class EMA:
-    """Exponential moving average of the trained parameters (shadow weights, kept in fp32), with the
-    warm-up decay min(decay, (1 + step) / (10 + step)) of the LDM code (`LitEma`)."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: p.detach().float().clone() for k, p in model.named_parameters()
-                       if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int):
-        d = min(self.decay, (1 + step) / (10 + step))
-        for k, p in model.named_parameters():
-            if k in self.shadow:
-                self.shadow[k].lerp_(p.float(), 1 - d)  # shadow = d * shadow + (1 - d) * p
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module):
-        for k, p in model.named_parameters():
-            if k in self.shadow:
-                p.copy_(self.shadow[k])
-
-    @contextmanager
-    def applied(self, model: nn.Module):
-        """Swap the EMA weights in for the duration of the block (e.g. to sample), then swap
-        back."""
-        live = {k: p.detach().clone() for k, p in model.named_parameters() if k in self.shadow}
-        self.copy_to(model)
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for k, p in model.named_parameters():
-                    if k in live:
-                        p.copy_(live[k])
-
-    def state_dict(self) -> dict:
-        return dict(self.shadow)
-
-    def load_state_dict(self, state: dict):
-        if state.keys() != self.shadow.keys():
-            raise ValueError(f"EMA weights hold {len(state)} tensors, the model trains "
-                             f"{len(self.shadow)}; was the checkpoint written with another "
-                             "--train-text-encoder setting?")
-        for k, v in state.items():
-            self.shadow[k].copy_(v)
-
-
-def auto_precision(device: torch.device) -> str:
-    """train.py's --precision auto: bf16 on GPUs that compute it natively (A100, H100, ...), fp16
-    with the gradient scaler on older ones (V100, T4), fp32 elsewhere."""
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-
-
-def mixed_precision(precision: str, device: torch.device) -> tuple:
-    """--precision -> (what "auto" picks here, the autocast context of the forward passes, the
-    gradient scaler: enabled for fp16 only). Weights and optimizer states stay fp32."""
-    precision = auto_precision(device) if precision == "auto" else precision
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    return precision, autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-
-def load_optimizer(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, state: dict):
-    """A checkpoint's optimizer and scaler states, whatever device and precision wrote them: `fused`
-    stays what this run chose for its device (a CPU run's False must not reach a GPU), and a
-    checkpoint without scaler state (bf16, fp32) leaves an fp16 run a fresh scaler."""
-    saved = state["optimizer"]
-    groups = [{**g, "fused": opt.defaults.get("fused")} for g in saved["param_groups"]]
-    opt.load_state_dict({**saved, "param_groups": groups})  # state placed as fused needs it
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-
-
-def default_micro_batch(per_process: int, resolution: int) -> int:
-    """Images a process forwards at once unless told: the largest divisor of its share of the batch
-    up to 8 x (512 / resolution)^2 (the paper's 8 images at 512 per A100, as many pixels at other
-    sizes); gradient accumulation makes up the rest."""
-    cap = max(1, 8 * 512**2 // resolution**2)
-    return max(m for m in range(1, min(per_process, cap) + 1) if per_process % m == 0)
-
-
-def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
-    """Multiplier of the base learning rate at (0-based) `step`: linear warm-up over `warmup` steps,
-    then constant, or a half cosine down to 0 at `max_steps` (Loshchilov & Hutter 2017, SGDR,
-    Eq. 5)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def save_vae(folder: Path, model: vae.AutoencoderKL):
-    """Write a diffusers `vae/` folder (config.json, diffusion_pytorch_model.safetensors), which
-    `load_vae` and `diffusers.AutoencoderKL.from_pretrained` read; built beside `folder` and
-    renamed."""
-    with written_atomically(folder) as tmp:
-        tmp.mkdir(parents=True)
-        config = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
-                  **model.config.to_dict()}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(tmp / VAE_WEIGHTS), metadata={"format": "pt"})
-
-
-def load_vae(path, device="cpu") -> vae.AutoencoderKL:
-    """A diffusers `vae/` folder, or a folder holding one (a diffusers pipeline, train_vae.py's
-    --out) -> a frozen AutoencoderKL in eval mode."""
-    path = Path(path)
-    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
-    if not (folder / "config.json").is_file() or not (folder / VAE_WEIGHTS).is_file():
-        raise WeightsError(f"{path}: no vae/config.json and vae/{VAE_WEIGHTS}; give a diffusers "
-                           "vae/ folder, a folder holding one, or train_vae.py's --out")
-    try:
-        config = VAEConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    except (ValueError, TypeError) as e:
-        raise WeightsError(f"{folder / 'config.json'}: {e}") from None
-    model = vae.AutoencoderKL(config)
-    state_dict = read_state_dict(folder / VAE_WEIGHTS)
-    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state_dict,
-                     folder / VAE_WEIGHTS)
-    model.load_state_dict(state_dict)
-    return model.to(device).eval().requires_grad_(False)
-
-
-def checkpoint_path(out: Path, step: int) -> Path:
-    return Path(out) / f"checkpoint-{step:06d}"
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted(Path(out).glob("checkpoint-[0-9]*[0-9]")) if Path(out).is_dir() else []
-    return found[-1] if found else None
-
-
-def save_checkpoint(folder: Path, sd: StableDiffusion, ema: EMA | None, state: dict, keep: int = 0):
-    """`folder` = what `sd.save_pretrained` writes, a diffusers folder of the trained weights (so
-    `sample.py --weights folder` works), plus `ema.safetensors` and `training_state.pt` (step,
-    optimizer, scaler). Built under a temporary name and renamed, so a crash never leaves half a
-    checkpoint under the real name. Keeps the last `keep` (0: all)."""
-    folder = Path(folder)
-    # the same step saved again (e.g. after a resume) is replaced
-    with written_atomically(folder) as tmp:
-        sd.save_pretrained(tmp)
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()},
-                      str(tmp / "ema.safetensors"))
-        torch.save(state, tmp / "training_state.pt")
-    for stale in sorted(folder.parent.glob("checkpoint-[0-9]*[0-9]"))[:-keep] if keep else []:
-        shutil.rmtree(stale)
-
-
-def load_training_state(folder: Path) -> tuple[dict, dict | None]:
-    """(training_state.pt as saved, the EMA tensors or None) of a checkpoint folder."""
-    folder = Path(folder)
-    if not (folder / "training_state.pt").is_file():
-        raise WeightsError(f"{folder}: not a checkpoint (no training_state.pt); give a "
-                           f"checkpoint-NNNNNN folder that train.py or train_vae.py wrote")
-    try:
-        state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
-        ema_file = folder / "ema.safetensors"
-        return state, load_file(ema_file) if ema_file.is_file() else None
-    except Exception as e:
-        raise WeightsError(f"{folder}: damaged checkpoint "
-                           f"({str(e).strip()[:100] or type(e).__name__}); resume from an earlier "
-                           f"checkpoint-NNNNNN folder") from None
-
-
-def find_resume(out: Path, resume, max_steps: int) -> tuple[Path, dict, dict | None]:
-    """The checkpoint `--resume` means (the latest in `out` for resume "latest" or True, else the
-    folder given) with its training state and EMA tensors, read once; one-line errors for what
-    cannot continue."""
-    folder = latest_checkpoint(out) if resume in ("latest", True) else Path(resume)
-    if folder is None:
-        raise WeightsError(f"--resume: no checkpoint-NNNNNN folder in {out}; "
-                           "run without --resume to start")
-    state, ema_state = load_training_state(folder)
-    if state["step"] > max_steps:
-        raise ValueError(f"--resume: {folder} is at step {state['step']}, past --max-steps "
-                         f"{max_steps}; give a larger --max-steps")
-    return folder, state, ema_state
-
-
-def blown_up(params, step: int, out: Path) -> str | None:
-    """Why the weights must not be saved (NaN or infinity in them, e.g. after a last update gone
-    wrong), or None."""
-    if all(torch.isfinite(p).all() for p in params):
-        return None
-    return (f"the weights hold NaN or infinity after step {step}; not saved (last good checkpoint: "
-            f"{latest_checkpoint(out) or 'none'}); try a lower --lr")
-
-
-def check_out(out: Path, resume: bool):
-    """A new run must not write into an old one's folder: its checkpoints, final weights and log
-    would mix."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
-    found = [p.name for p in (*sorted(out.glob("checkpoint-[0-9]*[0-9]")), out / "final",
-                              out / "vae", out / "log.jsonl") if p.exists()] if out.is_dir() else []
-    if found and not resume:
-        raise ValueError(f"--out {out} already holds a run ({', '.join(found[:3])}); add --resume "
-                         f"to continue it, or give a new --out")
-
-
-def check_ranges(parser, args, at_least_1=(), at_least_0=(), positive=()):
-    """parser.error for the first numeric flag out of its range (NaN and infinity are out of every
-    range) or a --seed outside [0, 2**63)."""
-    for keys, ok, what in ((at_least_1, lambda v: v >= 1, "at least 1"),
-                           (at_least_0, lambda v: v >= 0, "at least 0"),
-                           (positive, lambda v: v > 0, "positive")):
-        for key in keys:
-            value = getattr(args, key)
-            if value is not None and not (math.isfinite(value) and ok(value)):
-                parser.error(f"--{key.replace('_', '-')} must be {what} and finite, got {value}")
-    if not 0 <= args.seed < 2**63:
-        parser.error(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
-
-
-def save_grid(images: torch.Tensor, path: Path, cols: int):
-    """(B, 3, H, W) in [-1, 1] -> one grayscale PNG, `cols` images a row."""
-    sheet = image_grid(to_grayscale_uint8(images), cols)  # (rows*H, cols*W) uint8
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sheet.numpy()).save(path)
-
-
-def append_log(path: Path, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")

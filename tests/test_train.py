@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import sample
 import train
 import train_vae
-from minroentgen import training
+from minroentgen import checkpoints, optimization, training
 from minroentgen.phantoms import phantom
 from minroentgen.data import read_pairs
 from minroentgen.dataset import ImageReportDataset
@@ -138,16 +138,16 @@ def test_ctrl_c_then_resume_gives_the_uninterrupted_losses_and_weights(data, tmp
     extra = ["--max-steps", "6", "--save-every", "100", "--text-dropout", "0.5", "--train-text-encoder"]
     whole = run(data, tmp_path / "whole", *extra)
 
-    append = training.append_log
+    append = checkpoints.append_log
 
     def interrupt_at_step_3(path, record):
         append(path, record)
         if record["step"] == 3:
             signal.raise_signal(signal.SIGINT)  # as Ctrl-C: the run finishes the step, saves and stops
 
-    monkeypatch.setattr(training, "append_log", interrupt_at_step_3)
+    monkeypatch.setattr(checkpoints, "append_log", interrupt_at_step_3)
     part = run(data, tmp_path / "part", *extra)
-    monkeypatch.setattr(training, "append_log", append)
+    monkeypatch.setattr(checkpoints, "append_log", append)
     assert sorted(part) == [1, 2, 3] and (tmp_path / "part" / "checkpoint-000003").is_dir()
     assert not (tmp_path / "part" / "final").exists()
     resumed = run(data, tmp_path / "part", *extra, "--resume")
@@ -232,7 +232,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(data, tmp_path, monke
         run(data, tmp_path, "--max-steps", "6", "--save-every", "2")
     monkeypatch.setattr(training.torch, "save", save)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "log.jsonl"]  # no temporary folder
-    state, ema = training.load_training_state(tmp_path / "checkpoint-000002")
+    state, ema = checkpoints.load_training_state(tmp_path / "checkpoint-000002")
     assert state["step"] == 2 and ema is not None
     StableDiffusion.from_pretrained(tmp_path / "checkpoint-000002")
 
@@ -260,11 +260,11 @@ def torchrun(tmp_path, *argv, patch=""):
     its rank to tmp_path/ema-ranks when it makes an EMA."""
     script = tmp_path / "train_sgd.py"
     script.write_text(f"import os, sys, torch\nsys.path.insert(0, {str(ROOT)!r})\n{SGD_PATCH}\n{patch}\n"
-                      "import train\nfrom minroentgen import training\nmake = training.EMA.__init__\n"
+                      "import train\nfrom minroentgen import optimization\nmake = optimization.EMA.__init__\n"
                       "def recorded(self, *a):\n"
                       f"    open({str(tmp_path / 'ema-ranks')!r}, 'a').write(os.environ['RANK'])\n"
                       "    make(self, *a)\n"
-                      "training.EMA.__init__ = recorded\ntrain.main()\n")
+                      "optimization.EMA.__init__ = recorded\ntrain.main()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            "--init", "tiny", *BASE, *map(str, argv)]
@@ -434,11 +434,11 @@ def test_prompt_template_trains_on_the_patients_demographics(data, tmp_path, mon
 
 
 def test_lr_schedule_and_ema():
-    assert training.lr_factor(0, 4, 100, "cosine") == 0.25 and training.lr_factor(3, 4, 100, "cosine") == 1
-    assert training.lr_factor(52, 4, 100, "cosine") == pytest.approx(0.5)
-    assert training.lr_factor(99, 4, 100, "constant") == 1 and training.lr_factor(100, 4, 100, "cosine") == 0
+    assert optimization.lr_factor(0, 4, 100, "cosine") == 0.25 and optimization.lr_factor(3, 4, 100, "cosine") == 1
+    assert optimization.lr_factor(52, 4, 100, "cosine") == pytest.approx(0.5)
+    assert optimization.lr_factor(99, 4, 100, "constant") == 1 and optimization.lr_factor(100, 4, 100, "cosine") == 0
     model = torch.nn.Linear(2, 1)
-    ema = training.EMA(model, decay=0.5)
+    ema = optimization.EMA(model, decay=0.5)
     before = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -488,18 +488,18 @@ def test_auto_precision_is_fp16_where_a_gpu_lacks_bf16(monkeypatch):
     """V100/T4 have no native bf16: --precision auto must not pick it there."""
     support = {}
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: support["bf16"])
-    assert training.auto_precision(torch.device("cpu")) == "fp32"
+    assert optimization.auto_precision(torch.device("cpu")) == "fp32"
     for native, expected in ((True, "bf16"), (False, "fp16")):
         support["bf16"] = native
-        assert training.auto_precision(torch.device("cuda")) == expected
+        assert optimization.auto_precision(torch.device("cuda")) == expected
 
 
 def test_default_micro_batch_holds_the_papers_pixels_per_gpu():
-    assert training.default_micro_batch(256, 512) == 8  # one GPU: 8 x 32 accumulation
-    assert training.default_micro_batch(32, 512) == 8 and training.default_micro_batch(12, 512) == 6
-    assert training.default_micro_batch(7, 512) == 7 and training.default_micro_batch(9, 512) == 3
-    assert training.default_micro_batch(256, 256) == 32 and training.default_micro_batch(256, 1024) == 2
-    assert training.default_micro_batch(16, 32) == 16 and training.default_micro_batch(5, 4096) == 1
+    assert optimization.default_micro_batch(256, 512) == 8  # one GPU: 8 x 32 accumulation
+    assert optimization.default_micro_batch(32, 512) == 8 and optimization.default_micro_batch(12, 512) == 6
+    assert optimization.default_micro_batch(7, 512) == 7 and optimization.default_micro_batch(9, 512) == 3
+    assert optimization.default_micro_batch(256, 256) == 32 and optimization.default_micro_batch(256, 1024) == 2
+    assert optimization.default_micro_batch(16, 32) == 16 and optimization.default_micro_batch(5, 4096) == 1
 
 
 def test_out_of_gpu_memory_is_a_one_line_error_naming_the_remedies(data, tmp_path, monkeypatch, capsys):
@@ -507,7 +507,7 @@ def test_out_of_gpu_memory_is_a_one_line_error_naming_the_remedies(data, tmp_pat
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(training.Denoiser, "forward", out_of_memory)
     asked = []
-    monkeypatch.setattr(training, "default_micro_batch", lambda *a: asked.append(a) or 1)  # as at 2048 px
+    monkeypatch.setattr(optimization, "default_micro_batch", lambda *a: asked.append(a) or 1)  # as at 2048 px
     with pytest.raises(SystemExit) as e:
         run(data, tmp_path, "--max-steps", "2")
     assert asked == [(4, 32)] and "batch 4 = 1 x 4 accumulation x 1 processes" in capsys.readouterr().out
@@ -522,7 +522,7 @@ def test_resume_in_another_precision_and_on_another_device(data, tmp_path, monke
     out = tmp_path / "run"
     run(data, out, "--max-steps", "2", "--precision", "bf16")
     run(data, out, "--max-steps", "3", "--precision", "fp16", "--resume")
-    state, _ = training.load_training_state(out / "checkpoint-000003")
+    state, _ = checkpoints.load_training_state(out / "checkpoint-000003")
     assert state["scaler"]["scale"] > 0
     for group in state["optimizer"]["param_groups"]:
         group["fused"] = True  # as written on a GPU
@@ -544,7 +544,7 @@ def test_load_optimizer_sets_fused_for_this_device():
     model(torch.ones(1, 2)).sum().backward()
     cpu_run.step()
     gpu_run = torch.optim.AdamW(model.parameters(), fused=True)  # fused=True: what train.py asks on CUDA
-    training.load_optimizer(gpu_run, torch.amp.GradScaler("cpu", enabled=True),
+    checkpoints.load_optimizer(gpu_run, torch.amp.GradScaler("cpu", enabled=True),
                             {"optimizer": cpu_run.state_dict(), "scaler": {}})
     assert gpu_run.param_groups[0]["fused"] is True and gpu_run.state_dict()["state"][0]["step"] == 1
 

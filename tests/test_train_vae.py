@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import train
 import train_vae
-from minroentgen import training
+from minroentgen import checkpoints
 from minroentgen.phantoms import phantom
 from minroentgen.data import read_pairs
 from minroentgen.dataset import ImageReportDataset
@@ -70,7 +70,7 @@ def test_saved_vae_loads_here_and_in_diffusers_with_its_scaling_factor(trained, 
     config = json.loads((trained / "vae" / "config.json").read_text())
     ours = AutoencoderKL(VAEConfig.from_dict(config)).eval()
     ours.load_state_dict(weights(trained), strict=True)
-    assert training.load_vae(trained).config == ours.config
+    assert checkpoints.load_vae(trained).config == ours.config
     x = torch.stack([ImageReportDataset(read_pairs(data), 32)[i]["pixel_values"] for i in range(4)])
     mine, expected = ours.decode(ours.encode(x).mode()), theirs.decode(theirs.encode(x).latent_dist.mode()).sample
     assert (mine - expected).abs().max() <= 1e-5 and (expected - x).abs().mean() < 0.5
@@ -90,17 +90,17 @@ def test_same_seed_same_losses_and_resume_continues_exactly(data, tmp_path, monk
     assert run(data, tmp_path / "again", "--max-steps", "6") == whole
     assert max(abs(a - b) for a, b in zip(whole.values(), run(data, tmp_path / "seed", "--max-steps", "6",
                                                                 "--seed", "1").values())) > 1e-4
-    append = training.append_log
+    append = checkpoints.append_log
 
     def crash_at_step_4(path, record):
         if record["step"] == 4:
             raise OSError("power cut")
         append(path, record)
 
-    monkeypatch.setattr(training, "append_log", crash_at_step_4)
+    monkeypatch.setattr(checkpoints, "append_log", crash_at_step_4)
     with pytest.raises(OSError, match="power cut"):
         run(data, tmp_path / "part", "--max-steps", "6", "--save-every", "3")
-    monkeypatch.setattr(training, "append_log", append)
+    monkeypatch.setattr(checkpoints, "append_log", append)
     assert run(data, tmp_path / "part", "--max-steps", "6", "--save-every", "3", "--resume") == whole
     assert all(torch.equal(v, weights(tmp_path / "whole")[k]) for k, v in weights(tmp_path / "part").items())
 
@@ -133,7 +133,7 @@ def test_decoder_only_keeps_the_encoder_and_so_the_latents(trained, data, tmp_pa
         assert same == key.startswith(("encoder.", "quant_conv.")), key
     config = lambda folder: json.loads((folder / "vae" / "config.json").read_text())
     assert config(tmp_path)["scaling_factor"] == config(trained)["scaling_factor"]
-    state, _ = training.load_training_state(training.latest_checkpoint(tmp_path))
+    state, _ = checkpoints.load_training_state(checkpoints.latest_checkpoint(tmp_path))
     assert state["decoder_only"] is True
     with pytest.raises(SystemExit, match="was trained with --decoder-only"):  # a resume keeps the mode it was run with
         run(data, tmp_path, "--max-steps", "6", "--resume", start=["--weights", trained, *BASE[2:]])
@@ -178,7 +178,7 @@ def test_bf16_and_fp16_train_close_to_fp32_and_resume_in_another_precision(data,
         assert got != fp32, precision
         assert max(abs(got[s] - fp32[s]) / fp32[s] for s in fp32) < 0.01, (precision, got, fp32)
     resumed = run(data, tmp_path / "bf16", "--max-steps", "4", "--precision", "fp16", "--resume")
-    state, _ = training.load_training_state(tmp_path / "bf16" / "checkpoint-000004")
+    state, _ = checkpoints.load_training_state(tmp_path / "bf16" / "checkpoint-000004")
     assert sorted(resumed) == [1, 2, 3, 4] and state["scaler"]["scale"] > 0  # a fresh scaler
     resumed = run(data, tmp_path / "bf16", "--max-steps", "5", "--precision", "bf16", "--resume")
     assert sorted(resumed)[-1] == 5
