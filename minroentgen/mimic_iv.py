@@ -1,24 +1,10 @@
 """MIMIC-IV demographics for MIMIC-CXR: each subject_id's age, sex and race (prompts.py's words),
 for RoentGen-v2's prompt template "{age} year old {race} {sex}. {report}" (train.py --demographics).
 """
-import csv
-import zlib
 from pathlib import Path
 
 from . import prompts as P
-from .tables import open_text
-
-
-def _csv_rows(path: Path):
-    """The header, then every row (a list) of a .csv(.gz), read as a stream (MIMIC-IV's tables
-    are large); a damaged file is a one-line ValueError."""
-    try:
-        with open_text(path) as f:
-            yield from csv.reader(f)
-    except (OSError, EOFError, zlib.error, csv.Error, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} cannot be read ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())}): damaged or half-downloaded? "
-                         f"download it again") from None
+from .tables import csv_rows
 
 
 def _columns(path: Path, header: list, *names):
@@ -51,7 +37,7 @@ def read_mimic_iv(folder, subjects=None) -> dict[str, dict]:
                          "or its hosp/ folder")
     patients, admissions = (_mimic_iv_table(folder, n) for n in ("patients", "admissions"))
     out = {}
-    rows = _csv_rows(patients)
+    rows = csv_rows(patients)
     header = next(rows, [])
     subject, gender, anchor_age = (_columns(patients, header, n)
                                    for n in ("subject_id", "gender", "anchor_age"))
@@ -59,7 +45,7 @@ def read_mimic_iv(folder, subjects=None) -> dict[str, dict]:
         if subjects is None or subject(row) in subjects:
             out[subject(row)] = {"age": P.age(anchor_age(row)), "sex": P.sex(gender(row)),
                                  "race": None}
-    rows = _csv_rows(admissions)
+    rows = csv_rows(admissions)
     header = next(rows, [])
     subject, race = _columns(admissions, header, "subject_id"), _columns(admissions, header, "race",
                                                                           "ethnicity")

@@ -36,6 +36,18 @@ def read_csv(path: Path, columns=(), what="") -> list[dict]:
     return rows
 
 
+def csv_rows(path: Path):
+    """The header, then every row (a list) of a .csv(.gz), read as a stream (MIMIC-IV's tables
+    are large); a damaged file is a one-line ValueError."""
+    try:
+        with open_text(path) as f:
+            yield from csv.reader(f)
+    except (OSError, EOFError, zlib.error, csv.Error, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())}): damaged or half-downloaded? "
+                         f"download it again") from None
+
+
 def _json_lines(path: Path, lines) -> list:
     rows = []
     for n, line in enumerate(lines, start=1):

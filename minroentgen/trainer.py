@@ -30,6 +30,7 @@ from .pipeline import StableDiffusion
 
 
 def error(message: str):
+    """train.py's one-line error: the message on stderr, exit status 1."""
     sys.exit(f"train.py: error: {message}")
 
 
@@ -49,6 +50,7 @@ class StopFlag:
 
 
 def train(args, device, world, rank):
+    """The run train.py's flags `args` ask for, in this process (`rank` of `world`) on `device`."""
     out, G = Path(args.out), args.batch_size
     if G % world:
         error(f"--batch-size {G} is not a multiple of the {world} processes")
@@ -284,7 +286,7 @@ def validate(sd, denoiser, ema, args, step, autocast) -> str | None:
 
 def check_ranges(parser, args, at_least_1=(), at_least_0=(), positive=()):
     """parser.error for the first numeric flag out of its range (NaN and infinity are out of every
-    range) or a --seed outside [0, 2**63)."""
+    range) or a --seed outside [0, 2**63); train.py's and train_vae.py's flags."""
     for keys, ok, what in ((at_least_1, lambda v: v >= 1, "at least 1"),
                            (at_least_0, lambda v: v >= 0, "at least 0"),
                            (positive, lambda v: v > 0, "positive")):

@@ -209,8 +209,8 @@ PRESET_NAMES = sorted(UNET_PRESETS.keys() & VAE_PRESETS.keys()
 def random_model(preset: str, resolution: int, seed: int, device="cpu",
                  vae_model=None) -> StableDiffusion:
     """A Stable Diffusion with random weights from the modules' PRESETS (to train small models from
-    scratch). `vae_model` (e.g. one trained by train_vae.py, see `load_vae`) replaces the preset's
-    random VAE."""
+    scratch). `vae_model` (e.g. one trained by train_vae.py, see `checkpoints.load_vae`) replaces
+    the preset's random VAE."""
     vae_config = VAE_PRESETS[preset] if vae_model is None else vae_model.config
     unet_config = replace(UNET_PRESETS[preset],
                           sample_size=resolution // vae_config.downsample_factor)
