@@ -15,7 +15,7 @@ and the mean pairwise MS-SSIM of one prompt's samples beside the same figure for
 
 Writes OUT/table.md, OUT/grid.png (prompts x samples) and OUT/results.json.
 
-Demographic fidelity as RoentGen-v2 measures it (minroentgen/phantoms/demographic_fidelity.py):
+Demographic fidelity in RoentGen-v2's way (minroentgen/phantoms/demographic_fidelity.py):
 sex accuracy and age error of samples, read by the demographic reader, against the age and sex
 in their prompts ("{age} year old {race} {sex}. {report}", or the model's saved template):
 

@@ -1,7 +1,7 @@
 """Demographic fidelity: do samples show the age and sex that their prompts ask for?
 
-RoentGen-v2 (Moroianu et al. 2025, arXiv 2508.16783) judges its samples with image classifiers of
-sex, age and race against the prompt's demographics; here the demographic reader
+RoentGen-v2 (Moroianu et al. 2025, arXiv 2508.16783) checks its samples' sex, age and race, predicted
+by classifiers on the image, against the prompt's (its inference discards samples that disagree); here the demographic reader
 (demographic_reader.py) reads sex and age (phantoms show no race, so race is only written into the
 prompt, never judged). A fixed grid: every age of AGES x both sexes x each report of REPORTS, the
 race cycling through RoentGen-v2's words, each prompt the model's saved template (sampling.json's

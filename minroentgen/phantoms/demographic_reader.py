@@ -1,7 +1,7 @@
 """A small CNN that reads a phantom patient's sex and age (demographics.py) off the radiograph.
 
 The judge of demographic fidelity (demographic_fidelity.py), as RoentGen-v2 (arXiv 2508.16783)
-judges its samples with classifiers of sex and age. The phantom reader's architecture (reader.py)
+checks its samples with classifiers of sex and age. The phantom reader's architecture (reader.py)
 with two outputs: the logit of "female" and the age. Its own weights: the phantom reader, judge of
 every committed figure, is untouched. Trained on fresh demographic phantoms (with findings, half
 rendered at 256 and shrunk), half of them blurred as reader.py does:
