@@ -15,6 +15,13 @@ and the mean pairwise MS-SSIM of one prompt's samples beside the same figure for
 
 Writes OUT/table.md, OUT/grid.png (prompts x samples) and OUT/results.json.
 
+Demographic fidelity in RoentGen-v2's way (minroentgen/phantoms/demographic_fidelity.py):
+sex accuracy and age error of samples, read by the demographic reader, against the age and sex
+in their prompts ("{age} year old {race} {sex}. {report}", or the model's saved template):
+
+  python evaluate.py --demographics --weights runs/v2/final --seeds 8
+  python evaluate.py --demographics --real             # demographic phantoms: the reader's baseline
+
 Your own images (minroentgen/folders.py): FID between two folders of PNG/JPEG X-rays and the MS-SSIM
 diversity of the generated ones, as RoentGen's evaluation computes them; writes OUT/table.md and
 OUT/results.json:
@@ -37,6 +44,8 @@ from pathlib import Path
 import torch
 
 from minroentgen import folders
+from minroentgen.phantoms import demographic_fidelity as DF
+from minroentgen.phantoms import demographic_reader as DR
 from minroentgen.phantoms import judge as E
 from minroentgen.phantoms import openi
 from minroentgen.phantoms import reader as R
@@ -81,6 +90,12 @@ def parse_args(argv=None):
     a("--out", type=Path, default=Path("eval"), help="output folder for table.md, grid.png, results.json (default eval/)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where the model runs (default auto: cuda, mps, cpu)")
     a("--dtype", default="auto", choices=["auto", *DTYPES], help="model precision (default auto: fp16 on cuda, fp32 elsewhere)")
+    a("--demographics", action="store_true", help="judge demographic fidelity instead of text "
+      f"control: {len(DF.cases())} prompts (ages {', '.join(map(str, DF.AGES))} x female, male x "
+      f"{len(DF.REPORTS)} reports, the race cycling) in the model's saved prompt template, else "
+      "'{age} year old {race} {sex}. {report}'; sex accuracy and age error read by --demographic-reader")
+    a("--demographic-reader", type=Path, default=DR.WEIGHTS, help="with --demographics: the reader "
+      "of sex and age (default weights/phantom_demographics.safetensors)")
     a("--real-dir", type=Path, metavar="REAL", help="with --fake-dir: evaluate your own images "
       "instead of a model: FID of the PNG/JPEG images under REAL (subfolders too) against FAKE's")
     a("--fake-dir", type=Path, metavar="FAKE", help="with --real-dir: the generated images; FID "
@@ -96,6 +111,8 @@ def parse_args(argv=None):
         p.error("--openi and --prompts exclude each other: each is a prompt set")
     if args.half != "both" and not args.openi:
         p.error("--half needs --openi")
+    if args.demographics and (args.prompts or args.openi or args.reconstruct):
+        p.error("--demographics has its own prompts; it takes neither --prompts, --openi nor --reconstruct")
     if args.real and args.reconstruct:
         p.error("--real and --reconstruct exclude each other: --real needs no model, --reconstruct uses its VAE")
     for name in ("seeds", "steps", "size", "limit"):
@@ -176,12 +193,66 @@ def load_model(args):
         sys.exit(f"evaluate.py: error: {e}")
 
 
+def settings_of(args, sd) -> dict:
+    """Sampling settings: the flags, else the model's defaults (all None for real phantoms)."""
+    settings = {"steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler,
+                "guidance_rescale": args.guidance_rescale}
+    if sd is not None:
+        d = sd.defaults
+        settings = {"steps": args.steps or d.steps, "guidance": d.guidance if args.guidance is None else args.guidance,
+                    "scheduler": args.scheduler or d.scheduler, "guidance_rescale": (
+                        d.guidance_rescale if args.guidance_rescale is None else args.guidance_rescale)}
+        if args.size:
+            sd.defaults = replace(d, height=args.size, width=args.size)
+    return settings
+
+
+def make_out(args):
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)  # now, not after a long run
+    except OSError as e:
+        sys.exit(f"evaluate.py: error: cannot write --out {args.out} ({e.strerror})")
+
+
+def evaluate_demographics(args):
+    """--demographics: sex and age of samples (or phantoms) against their prompts."""
+    if not args.demographic_reader.exists():
+        sys.exit(f"evaluate.py: error: no demographic reader at {args.demographic_reader}: run "
+                 "`python -m minroentgen.phantoms.demographic_reader --train`")
+    if args.real:
+        torch.set_num_threads(1)  # only the small readers run: one thread is faster (see reader.py)
+    sd = None if args.real else load_model(args)
+    try:
+        cases = DF.cases(None if sd is None else sd.defaults.prompt_template)
+        readers = DR.load(args.demographic_reader), R.load(args.reader)
+    except (ValueError, WeightsError) as e:
+        sys.exit(f"evaluate.py: error: --demographics: {e}")
+    cases = E.spread(cases, args.limit) if args.limit else cases
+    make_out(args)
+    settings, t0 = settings_of(args, sd), time.time()
+    report, images = DF.run(sd, *readers, cases, seeds=args.seeds, seed=args.seed,
+                            size=args.size or 128, **settings)
+    source = "demographic phantoms (baseline)" if sd is None else str(args.weights)
+    report["settings"] = {"source": source, "seeds": args.seeds, "seed": args.seed,
+                          "size": images[0].shape[-1], "seconds": round(time.time() - t0, 1), **settings}
+    head = (f"Demographic fidelity of {source}: {len(cases)} prompts x {args.seeds} samples at "
+            f"{images[0].shape[-1]} px, e.g. {cases[0].text!r}; sex and age read by "
+            f"{args.demographic_reader.name}, findings by {args.reader.name}.\n\n")
+    (args.out / "table.md").write_text(head + DF.table(report))
+    (args.out / "results.json").write_text(json.dumps(report, indent=1))
+    E.write_grid(args.out / "grid.png", cases, images)
+    print(head + DF.table(report))
+    print(f"wrote {args.out}/table.md, grid.png, results.json")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.real_dir is not None:
         return evaluate_folders(args)
     if not args.reader.exists():
         sys.exit(f"evaluate.py: error: no phantom reader at {args.reader}: run `python -m minroentgen.phantoms.reader --train`")
+    if args.demographics:
+        return evaluate_demographics(args)
     if args.real:
         torch.set_num_threads(1)  # only the small reader runs: one thread is faster (see reader.py)
     try:
@@ -193,23 +264,12 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"evaluate.py: error: {e}")
     sd = None if args.real else load_model(args)
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)  # now, not after a long run
-    except OSError as e:
-        sys.exit(f"evaluate.py: error: cannot write --out {args.out} ({e.strerror})")
+    make_out(args)
     phantoms = args.real or args.reconstruct  # phantoms read no text: one wording
     if phantoms and not (args.prompts or args.openi):
         prompts = [p for p in prompts if p.wording == "trained"]
     prompts = E.spread(prompts, args.limit) if args.limit else prompts
-    settings = {"steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler,
-                "guidance_rescale": args.guidance_rescale}
-    if sd is not None:
-        d = sd.defaults
-        settings = {"steps": args.steps or d.steps, "guidance": d.guidance if args.guidance is None else args.guidance,
-                    "scheduler": args.scheduler or d.scheduler, "guidance_rescale": (
-                        d.guidance_rescale if args.guidance_rescale is None else args.guidance_rescale)}
-        if args.size:
-            sd.defaults = replace(d, height=args.size, width=args.size)
+    settings = settings_of(args, sd)
     t0 = time.time()
     try:
         report, images = E.run(sd, R.load(args.reader), prompts, seeds=args.seeds, seed=args.seed,

@@ -9,6 +9,12 @@
 docs/blind_prompts.json. --out gets images/<row>-<k>.png (8-bit grayscale, as sample.py writes them) and
 reports.csv with the columns image (relative to the CSV), report, seed and, when the input has them, labels.
 
+A model trained with `train.py --prompt-template` (sampling.json's prompt_template, e.g. RoentGen-v2's
+"{age} year old {race} {sex}. {report}") is sampled on that template filled from each row's columns
+(age or anchor_age, sex or gender, race, as minroentgen/prompts.py reads them for training); a row
+missing a field is counted and skipped. reports.csv then also has the template's columns and the
+prompt each image was sampled from (train.py --prompt-template fills the same prompt again).
+
 Seeds: row r (counted from 0) has the seed S = (seed * 2654435761 + r) mod 2**32, its `seed` column
 (0, 1, 2, ... for --seed 0; the multiplier keeps runs with other base seeds on other seeds; torch's CPU
 generator reads only 32 bits of a seed). Its K images are those of `python sample.py REPORT --seed S --n K`
@@ -31,6 +37,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from minroentgen import prompts
 from minroentgen.data import read_rows
 from minroentgen.phantoms.judge import load_prompts
 from minroentgen.pipeline import StableDiffusion, to_grayscale_uint8
@@ -87,12 +94,13 @@ def row_seed(seed: int, row: int) -> int:
     return (seed * 2654435761 + row) % 2**32
 
 
-def read_reports(path: Path) -> tuple[list[tuple[str, str]], bool]:
-    """[(report, labels as JSON text)] of a table or prompt file, and whether it has labels."""
+def read_reports(path: Path) -> tuple[list[tuple[str, str]], bool, list | None]:
+    """[(report, labels as JSON text)] of a table or prompt file, whether it has labels, and each
+    row's fields for a prompt template (prompts.table_fields; None for a prompt file)."""
     if not path.is_file():
         raise ValueError(f"--reports {path} {'is a folder' if path.is_dir() else 'does not exist'}; give a file")
     if path.suffix == ".json":
-        return [(p.text, json.dumps(p.labels)) for p in load_prompts(path)], True
+        return [(p.text, json.dumps(p.labels)) for p in load_prompts(path)], True, None
     rows = read_rows(path)
     if not rows:
         raise ValueError(f"{path} holds no rows; want a report column, one report a row")
@@ -105,7 +113,40 @@ def read_reports(path: Path) -> tuple[list[tuple[str, str]], bool]:
             raise ValueError(f"{path}: row {n} has an empty report")
         labels = "" if labels is None else labels if isinstance(labels, str) else json.dumps(labels)
         out.append((report, labels))
-    return out, any("labels" in row for row in rows)
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    return out, any("labels" in row for row in rows), [prompts.table_fields(r, columns) for r in rows]
+
+
+def apply_template(template: str, rows: list, fields: list | None, path: Path):
+    """The rows to sample for a model trained on `template`: [(prompt, labels)], the report of
+    each, the template's fields of each ({name: value}), and the note of the rows skipped for a
+    missing field (or ""); a field that no row has is a one-line ValueError."""
+    names = [n for n in prompts.template_fields(template) if n != "report"]
+    lacking = [n for n in names if fields is None or n not in fields[0]]
+    if lacking:
+        what = "a prompt file, without columns" if fields is None else "a table without them"
+        raise ValueError(f"the model was trained on prompts {template!r}; --reports {path} is {what}: "
+                         f"give a CSV/JSONL with the column{'s' * (len(lacking) > 1)} "
+                         f"{', '.join(lacking)} ({prompts.WHERE})")
+    kept, reports, values, missing, where = [], [], [], {}, []
+    for n, ((report, labels), f) in enumerate(zip(rows, fields), start=1):
+        gaps = [name for name in names if f[name] is None]
+        for name in gaps:
+            missing[name] = missing.get(name, 0) + 1
+        if gaps:
+            where.append(n)
+            continue
+        kept.append((prompts.fill(template, {**f, "report": report}), labels))
+        reports.append(report)
+        values.append({name: f[name] for name in names})
+    if not kept:
+        raise ValueError(f"--reports {path}: no row has every field of the model's prompt template "
+                         f"{template!r} ({', '.join(f'{k} missing {v}' for k, v in missing.items())})")
+    rows_at = ", ".join(map(str, where[:5])) + (", ..." if len(where) > 5 else "")
+    note = (f"{len(kept)} of {len(rows)} reports used; skipped {len(where)}: "
+            + ", ".join(f"{v} missing {k}" for k, v in missing.items()) + f" (rows {rows_at})"
+            if where else "")
+    return kept, reports, values, note
 
 
 def check_run(out: Path, run: dict):
@@ -135,8 +176,13 @@ def generate(args):
     auto = torch.float16 if device.type == "cuda" else torch.float32
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else auto
     out, K = Path(args.out), args.per_report
-    rows, has_labels = read_reports(Path(args.reports))
+    rows, has_labels, fields = read_reports(Path(args.reports))
     sd = StableDiffusion.from_pretrained(args.weights or DEFAULT_WEIGHTS, device=device, dtype=dtype)
+    template, reports = sd.defaults.prompt_template, [report for report, _ in rows]
+    if template is not None:  # sample the filled template; the report column keeps the report
+        rows, reports, values, note = apply_template(template, rows, fields, Path(args.reports))
+        if note:
+            print(note)
     d = sd.defaults
     settings = dict(steps=args.steps or d.steps, scheduler=args.scheduler or d.scheduler,
                     guidance=d.guidance if args.guidance is None else args.guidance,
@@ -144,7 +190,8 @@ def generate(args):
     rows_sha = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
     check_run(out, dict(reports_sha256=rows_sha, rows=len(rows), seed=args.seed, per_report=K,
                         batch_size=args.batch_size, weights=args.weights or "default",
-                        device=device.type, dtype=str(dtype).removeprefix("torch."), **settings))
+                        device=device.type, dtype=str(dtype).removeprefix("torch."), **settings,
+                        **({} if template is None else {"prompt_template": template})))
 
     R = max(1, args.batch_size // K)  # rows a batch; batch b holds rows b*R .. b*R + R - 1, always
     n_rows = len(rows) if args.limit is None else min(len(rows), -(-args.limit // R) * R)
@@ -168,10 +215,12 @@ def generate(args):
 
     with written_atomically(out / "reports.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["image", "report", "seed"] + ["labels"] * has_labels)
+        extra = [] if template is None else [*values[0], "prompt"]  # the template's fields
+        writer.writerow(["image", "report", "seed"] + ["labels"] * has_labels + extra)
         for r in range(n_rows):
-            report, labels = rows[r]
-            writer.writerows([name, report, row_seed(args.seed, r)] + [labels] * has_labels
+            prompt, labels = rows[r]
+            more = [] if template is None else [*values[r].values(), prompt]
+            writer.writerows([name, reports[r], row_seed(args.seed, r)] + [labels] * has_labels + more
                              for name in names[r])
     left = f"; {len(rows) - n_rows} reports left (run again without --limit)" if n_rows < len(rows) else ""
     print(f"{n_rows} reports, {n_rows * K} images: {out / 'reports.csv'}{left}")

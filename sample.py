@@ -7,6 +7,12 @@
 
 Without --weights the small model embedded in weights/default is used. See weights/README.md for
 Stable Diffusion v1.x and RoentGen's own weights.
+
+A model trained with `train.py --prompt-template` (its sampling.json's prompt_template, e.g.
+"{age} year old {race} {sex}. {report}") is given each PROMPT as the report of that template, the
+patient from --age, --sex and --race:
+
+    python sample.py "Small left pleural effusion." --weights runs/v2/final --age 65 --sex F --race WHITE
 """
 import argparse
 import re
@@ -20,6 +26,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from minroentgen import pipeline
+from minroentgen import prompts as templates
 from minroentgen.pipeline import StableDiffusion, image_grid, to_grayscale_uint8
 from minroentgen.weights import WeightsError
 
@@ -58,7 +65,14 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet, with CUDA graphs on cuda: "
                    "faster steps once the first image has waited for the compiling (a minute or more); "
                    "the text encoder and the VAE run once an image and stay as they are")
+    for name, example in DEMOGRAPHICS.items():
+        p.add_argument(f"--{name}", help=f"fills {{{name}}} of the prompt template of a model trained "
+                       f"with train.py --prompt-template, around each PROMPT: {example}")
     args = p.parse_args(argv)
+    for name, example in DEMOGRAPHICS.items():
+        value = getattr(args, name)
+        if value is not None and getattr(templates, name)(value) is None:
+            p.error(f"--{name} {value!r} is not {example.split(';')[0]}")
     if not args.prompts:
         p.error('give at least one prompt, e.g. python sample.py "small left pleural effusion"')
     if args.n < 1:
@@ -80,6 +94,37 @@ def parse_args(argv=None):
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file; give a folder")
     return args
+
+
+DEMOGRAPHICS = {"age": "a number of years from 0 to 150, e.g. 65", "sex": "female or male (or F, M)",
+                "race": "WHITE, BLACK, ASIAN, HISPANIC or OTHER; MIMIC-IV's strings are mapped as "
+                        "minroentgen/prompts.py says"}
+
+
+def templated(template: str | None, report: str, given: dict) -> str:
+    """The prompt for a model trained on `template` around `report`, its fields from `given`
+    (--age/--sex/--race, normalised); without a template the report itself. A field the template
+    needs but was not given, or one given that it does not use, is a one-line ValueError."""
+    flags = [f"--{n}" for n in DEMOGRAPHICS if given.get(n) is not None]
+    if template is None:
+        if flags:
+            raise ValueError(f"{', '.join(flags)}: this model has no prompt template (it was trained "
+                             "without --prompt-template); write the patient into the prompt instead")
+        return report
+    names = [n for n in templates.template_fields(template) if n != "report"]
+    cannot = [n for n in names if n not in DEMOGRAPHICS]
+    if cannot:
+        raise ValueError(f"this model's prompt template {template!r} needs "
+                         f"{', '.join('{' + n + '}' for n in cannot)}, which sample.py cannot fill "
+                         "(only --age, --sex, --race)")
+    missing = [f"--{n}" for n in names if given.get(n) is None]
+    if missing:
+        raise ValueError(f"this model was trained on prompts {template!r}: give {', '.join(missing)}")
+    unused = [f for f in flags if f[2:] not in names]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: this model's prompt template {template!r} has no "
+                         "such field")
+    return templates.fill(template, {"report": report, **given})
 
 
 def pick_device(name: str, prog="sample.py") -> torch.device:
@@ -133,6 +178,12 @@ def main(argv=None):
         sd = StableDiffusion.from_pretrained(weights, config_dir=args.config, device=device, dtype=dtype)
     except WeightsError as e:
         sys.exit(f"sample.py: error: {e}")
+    given = {n: getattr(templates, n)(getattr(args, n)) for n in DEMOGRAPHICS
+             if getattr(args, n) is not None}  # normalised: F -> female, 64.9 -> 64, ...
+    try:
+        texts = [templated(sd.defaults.prompt_template, prompt, given) for prompt in args.prompts]
+    except ValueError as e:
+        sys.exit(f"sample.py: error: {e}")
     if args.compile:
         sd.compile()
     out = Path(args.out)
@@ -143,7 +194,7 @@ def main(argv=None):
                                       else args.guidance_rescale),
                     scheduler=args.scheduler or d.scheduler, height=args.height or d.height, width=args.width or d.width)
     written = []
-    for prompt in args.prompts:
+    for prompt in texts:
         try:
             images = sd(prompt, n=args.n, seed=args.seed, negative=args.negative, **settings)
         except ValueError as e:
@@ -157,7 +208,7 @@ def main(argv=None):
             Image.fromarray(pixels.numpy()).save(path, pnginfo=meta)
             written.append((path, pixels))
     if len(written) > 1:  # a row per prompt; with --n 1 all prompts in one row
-        path = free_path(out, grid_stem(args.prompts, args.seed))
+        path = free_path(out, grid_stem(texts, args.seed))
         cols = args.n if args.n > 1 else len(written)
         Image.fromarray(image_grid(torch.stack([g for _, g in written]), cols=cols).numpy()).save(path)
         written.append((path, None))

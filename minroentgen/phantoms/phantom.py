@@ -11,6 +11,7 @@ map D (soft tissue ~1, aerated lung ~0.3, bone and metal more) turned into brigh
     python -m minroentgen.phantoms --n 10000 --size 256 --out data/phantoms --seed 0
     python -m minroentgen.phantoms --n 10000 --out data/phantoms_mixed --reports 2 --style mixed
     python -m minroentgen.phantoms --grid docs/phantoms.png
+    python -m minroentgen.phantoms --n 10000 --out data/phantoms_v2 --demographics  # + age, sex, race
 """
 import argparse
 import contextlib
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from . import demographics as DG
 from .anatomy import SIDE_SIGN, Grid, branch, dome, lung_level, sample_patient, soft
 from .findings import FIND, Layers
 from .reports import STYLES, write_report
@@ -64,12 +66,16 @@ def sample_labels(rng: np.random.Generator) -> dict:
 
 # ----------------------------------------------------------------------------- rendering
 
-def render(labels: dict, size: int = 256, rng: np.random.Generator | None = None) -> np.ndarray:
+def render(labels: dict, size: int = 256, rng: np.random.Generator | None = None,
+           person: DG.Person | None = None) -> np.ndarray:
     """Render one PA radiograph showing exactly `labels`; (size, size) uint8.
-    The anatomy comes from `rng` alone, so the same seed with other labels is the same patient."""
+    The anatomy comes from `rng` alone, so the same seed with other labels is the same patient.
+    `person` (demographics.py) adds the signs of age and sex; None draws the picture as ever."""
     check_size(size)
     rng = np.random.default_rng() if rng is None else rng
     p = sample_patient(rng)
+    if person is not None:
+        p = DG.aged_heart(p, person)
     g, r = Grid(size, p), np.random.default_rng(p.seed)
     u, v = g.u, g.v
     au = np.abs(u)
@@ -85,8 +91,12 @@ def render(labels: dict, size: int = 256, rng: np.random.Generator | None = None
     c, sn = np.cos(0.45), np.sin(0.45)  # long axis tilted down towards the apex (image right)
     ha = hw / np.sqrt(c**2 + (0.62 * sn) ** 2)  # semi-axes whose horizontal extent is exactly hw
     heart = soft(1 - np.hypot((c * (u - hu) + sn * (v - hv)) / ha, (c * (v - hv) - sn * (u - hu)) / (0.62 * ha)), 0.03)
-    knob = 0.06 * np.exp(-(((v + 0.33) / 0.08) ** 2))  # aortic knob, on the patient's left
-    mediastinum = soft(u + 0.1, 0.02) * soft(0.11 + knob - u, 0.02)
+    if person is None:
+        knob = 0.06 * np.exp(-(((v + 0.33) / 0.08) ** 2))  # aortic knob, on the patient's left
+        mediastinum = soft(u + 0.1, 0.02) * soft(0.11 + knob - u, 0.02)
+    else:  # the aorta unfolds with age
+        knob = DG.aortic_knob(v, person)
+        mediastinum = soft(u + 0.1 + DG.ascending_aorta(v, person), 0.02) * soft(0.11 + knob - u, 0.02)
     hearts = np.maximum(heart, mediastinum)
 
     # lungs: each hemithorax minus heart and mediastinum
@@ -103,6 +113,8 @@ def render(labels: dict, size: int = 256, rng: np.random.Generator | None = None
     abdomen = soft(v - np.where(u > 0, dome(p, 1, u), dome(p, -1, u)), 0.015) * body
     gastric = soft(1 - np.hypot((u - 0.38) / 0.12, (v - p.dome_left - 0.14) / 0.06), 0.05)  # patient's left
     D += 0.12 * heart * (1 - abdomen) + 0.08 * abdomen - 0.35 * gastric * abdomen
+    if person is not None:
+        D += DG.breast_shadows(g, p, person) * body
 
     # airway: trachea down to the carina, then the main bronchi
     air = np.zeros_like(u)
@@ -119,6 +131,8 @@ def render(labels: dict, size: int = 256, rng: np.random.Generator | None = None
     bones = 0.3 * spine + 0.13 * ribs
     for s in SIDE_SIGN.values():
         g.stroke(bones, [(s * 0.07, -0.72), (s * 0.3, -0.78), (s * 0.62, -0.8)], 0.035, 0.45)
+    if person is not None:
+        bones *= DG.bone_density(person)  # osteopenia with age (devices, added later, keep theirs)
 
     # findings (each with its own random stream, so the patient stays the same); then air in the
     # lung fields and vessel markings wherever the lung is still aerated
@@ -143,14 +157,21 @@ class Phantom:
     image: np.ndarray  # (size, size) uint8
     report: str
     labels: dict
+    person: DG.Person | None = None  # age, sex and race, with demographics=True
 
 
-def make(seed: int, index: int, size: int = 256, style: str = "classic") -> Phantom:
+def make(seed: int, index: int, size: int = 256, style: str = "classic",
+         demographics: bool = False) -> Phantom:
     """Phantom number `index` of data set `seed`: independent of every other index; its labels and
-    image do not depend on the report `style` (reports.STYLES)."""
-    r_labels, r_image, r_report = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(3))
+    image do not depend on the report `style` (reports.STYLES). demographics=True gives the patient
+    an age, sex and race (demographics.py) from a fourth stream: the same labels, report and
+    anatomy as without, plus the signs of age and sex."""
+    streams = np.random.SeedSequence([seed, index]).spawn(4 if demographics else 3)
+    r_labels, r_image, r_report = (np.random.default_rng(s) for s in streams[:3])
     labels = sample_labels(r_labels)
-    return Phantom(render(labels, size, r_image), write_report(labels, r_report, style), labels)
+    person = DG.sample_person(np.random.default_rng(streams[3])) if demographics else None
+    return Phantom(render(labels, size, r_image, person), write_report(labels, r_report, style), labels,
+                   person)
 
 
 def generate(n: int, size: int = 256, seed: int = 0):
@@ -161,21 +182,23 @@ def generate(n: int, size: int = 256, seed: int = 0):
 
 
 def _write_one(job):
-    out, name, seed, k, size, reports, style = job
-    ph = make(seed, k, size, style)
+    out, name, seed, k, size, reports, style, demographics = job
+    ph = make(seed, k, size, style, demographics)
     Image.fromarray(ph.image).save(out / name)
     more = np.random.default_rng([seed, k, 1])  # the further reports of one study: a stream of their own
     texts = [ph.report] + [write_report(ph.labels, more, style) for _ in range(reports - 1)]
-    return [(name, text, json.dumps(ph.labels)) for text in texts]
+    person = list(ph.person.fields().values()) if demographics else []
+    return [(name, text, json.dumps(ph.labels), *person) for text in texts]
 
 
 def write_dataset(out: Path, n: int, size: int = 256, seed: int = 0, workers: int = 1,
-                  reports: int = 1, style: str = "classic"):
+                  reports: int = 1, style: str = "classic", demographics: bool = False):
     """PNGs in out/images and out/reports.csv (image relative to the CSV, report, labels as JSON), with
     `reports` rows per image, each its own wording of the same labels (as if several radiologists read
     the study; the first is make()'s) in the report `style` (reports.write_report; images and
-    labels do not depend on it). Byte-identical for given arguments, whatever the number of
-    workers."""
+    labels do not depend on it). demographics=True: patients with an age, sex and race (make()),
+    written as the further columns age, sex, race (what `train.py --prompt-template` fills in).
+    Byte-identical for given arguments, whatever the number of workers."""
     check_size(size)
     if style not in STYLES:
         raise ValueError(f"report style must be one of {STYLES}, got {style!r}")
@@ -186,11 +209,12 @@ def write_dataset(out: Path, n: int, size: int = 256, seed: int = 0, workers: in
         raise ValueError(f"{out} already holds a data set (reports.csv); give a new --out, or delete it first")
     (out / "images").mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(n - 1)))
-    jobs = [(out, f"images/{k:0{width}d}.png", seed, k, size, reports, style) for k in range(n)]
+    jobs = [(out, f"images/{k:0{width}d}.png", seed, k, size, reports, style, demographics)
+            for k in range(n)]
     with open(out / "reports.csv", "w", newline="") as f, \
             (multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["image", "report", "labels"])
+        writer.writerow(["image", "report", "labels"] + ["age", "sex", "race"] * demographics)
         done = pool.imap(_write_one, jobs, chunksize=8) if pool else map(_write_one, jobs)
         for rows in tqdm(done, total=n, desc="phantoms"):  # one image's rows, in order
             writer.writerows(rows)
@@ -249,17 +273,26 @@ def main(argv=None):
                          "de-identification tokens, hedges, comparisons, lower/upper case); "
                          "mixed = each report either, with probability 1/2. Images and labels are "
                          "the same for every style (default classic)")
+    ap.add_argument("--demographics", action="store_true",
+                    help="give each patient an age (20-90), a sex and a race (demographics.py): "
+                         "breast shadows for women; with age an unfolded aorta, less dense bones and "
+                         "a larger heart within the normal range; race is NOT visible. Written as "
+                         "the columns age, sex, race (for train.py --prompt-template); labels, "
+                         "reports and anatomy stay those of the same seed without it. With --grid: "
+                         "a grid of ages and sexes instead")
     ap.add_argument("--grid", type=Path, metavar="PATH", help="write the labelled grid of findings to PATH instead")
     a = ap.parse_args(argv)
     try:
-        if a.grid:
+        if a.grid and a.demographics:
+            DG.write_grid(a.grid, a.size, a.seed)
+        elif a.grid:
             write_grid(a.grid, a.size, a.seed)
         elif a.out is None:
             ap.error("give --out DIR (or --grid PATH)")
         elif a.n < 1 or a.seed < 0 or a.workers < 1 or a.reports < 1:
             ap.error("--n, --workers and --reports must be >= 1 and --seed >= 0")
         else:
-            write_dataset(a.out, a.n, a.size, a.seed, a.workers, a.reports, a.style)
+            write_dataset(a.out, a.n, a.size, a.seed, a.workers, a.reports, a.style, a.demographics)
     except ValueError as e:
         sys.exit(f"{ap.prog}: error: {e}")
 
