@@ -27,6 +27,7 @@ from .data import read_pairs
 from .dataset import ImageReportDataset, default_workers
 from .noise_schedule import NoiseSchedule
 from .pipeline import StableDiffusion
+from .prompts import template_fields
 
 
 def error(message: str):
@@ -256,7 +257,9 @@ def train(args, device, world, rank):
             error(problem)
         with ema.applied(denoiser) if ema is not None else nullcontext():
             sd.save_pretrained(out / "final")
-        log(f"wrote {out / 'final'} (python sample.py --weights {out / 'final'} \"your prompt\")")
+        flags = "".join(f" --{f} ..." for f in template_fields(args.prompt_template or "{report}")
+                        if f != "report")  # a --prompt-template's patient: sample.py --age ...
+        log(f"wrote {out / 'final'} (python sample.py --weights {out / 'final'} \"your prompt\"{flags})")
 
 
 def validate(sd, denoiser, ema, args, step, autocast) -> str | None:

@@ -427,6 +427,7 @@ def test_prompt_template_trains_on_the_patients_demographics(data, tmp_path, mon
     printed = capsys.readouterr().out
     assert "7 of 8 image-report pairs used; skipped 1: 1 missing race (" in printed
     assert "prompts from --prompt-template, e.g. '" in printed
+    assert '"your prompt" --age ... --race ... --sex ...)' in printed  # sample.py's patient flags
     assert json.loads((tmp_path / "run" / "final" / "sampling.json").read_text())["prompt_template"] == template
     with pytest.raises(SystemExit, match="was trained with --prompt-template '{age} year old {race} {sex}. "
                                          "{report}'; give the same"):
