@@ -20,12 +20,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import phantom as P
 from . import reader as R
-from ..weights import WeightsError, check_state_dict, read_state_dict, written_atomically
+from ..weights import WeightsError
 
 SEED, HELDOUT_SEED = 2508, 16_783  # training phantoms; fresh ones for --eval
 WEIGHTS = R.WEIGHTS.with_name("phantom_demographics.safetensors")
@@ -125,25 +124,14 @@ def train(steps: int = 3000, n: int = 8000, out: Path = WEIGHTS, workers: int = 
     print(f"generated {n} phantoms in {time.time() - t0:.0f} s")
     model = fit(DemographicReader(), R.to_tensor(images), torch.from_numpy(female).float(),
                 torch.from_numpy(age).float(), steps, seed=seed, log_every=100)
-    save(model, out)
+    R.save(model, out)
     print(f"trained in {time.time() - t0:.0f} s: {out}")
     return model
 
 
-def save(model: DemographicReader, path: Path):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with written_atomically(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-
-
 def load(path: Path = WEIGHTS) -> DemographicReader:
     """Raises a one-line WeightsError for a missing, damaged or foreign file."""
-    model = DemographicReader()
-    state_dict = read_state_dict(path)
-    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state_dict,
-                     f"{path} (demographic reader)")
-    model.load_state_dict(state_dict)
-    return model.eval()
+    return R.load(path, DemographicReader(), "demographic reader")
 
 
 def evaluate(model: DemographicReader, n: int = 1000, size: int = R.SIZE, workers: int = 1) -> dict:

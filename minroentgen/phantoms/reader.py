@@ -214,17 +214,19 @@ def refit_devices(model: PhantomReader, x: torch.Tensor, devices: torch.Tensor, 
         print(f"device heads refitted on all {len(x)} phantoms: loss {loss.item():.4f}")
 
 
-def save(model: PhantomReader, path: Path):
+def save(model: nn.Module, path: Path):
+    """A reader's weights as safetensors, written atomically (also demographic_reader.py's)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with written_atomically(path) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
 
 
-def load(path: Path = WEIGHTS) -> PhantomReader:
-    """Raises a one-line WeightsError for a missing, damaged or foreign file."""
-    model = PhantomReader()
+def load(path: Path = WEIGHTS, model: nn.Module | None = None, what: str = "phantom reader"):
+    """The reader at path into model (default: a PhantomReader), in eval mode; a one-line
+    WeightsError for a missing, damaged or foreign file."""
+    model = PhantomReader() if model is None else model
     state_dict = read_state_dict(path)
-    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state_dict, f"{path} (phantom reader)")
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state_dict, f"{path} ({what})")
     model.load_state_dict(state_dict)
     return model.eval()
 
