@@ -89,31 +89,10 @@ def scores(p_female: np.ndarray, age: np.ndarray, female: np.ndarray, true_age: 
             "age_mae": float(err.mean()), "age_within_10": float((err <= 10).mean())}
 
 
-def fit(model: DemographicReader, x: torch.Tensor, female: torch.Tensor, age: torch.Tensor,
-        steps: int, batch: int = 64, seed: int = SEED, lr: float = 3e-3, log_every: int = 0):
-    """AdamW, one-cycle learning rate; each batch drawn with replacement and augmented as
-    reader.fit does (exposure jitter, a shift of up to 4 pixels, half blurred up to 2.5 px).
-    Loss: binary cross-entropy of sex + L1 of the normalised age."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    t0 = time.time()
-    for step in range(steps):
-        idx = torch.randint(len(x), (batch,), generator=g)
-        xb = x[idx] * (0.9 + 0.2 * torch.rand(batch, 1, 1, 1, generator=g))
-        xb = torch.roll(xb, tuple(torch.randint(-4, 5, (2,), generator=g).tolist()), dims=(2, 3))
-        sigma = torch.rand(batch, generator=g) * 2.5 * (torch.rand(batch, generator=g) < 0.5)
-        out = model(R.blur(xb, sigma))
-        loss = F.binary_cross_entropy_with_logits(out["female"], female[idx]) + \
-            F.l1_loss(out["age"] / AGE_SCALE, age[idx] / AGE_SCALE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
-    return model.eval()
+def loss_fn(out: dict, t: dict) -> torch.Tensor:
+    """Binary cross-entropy of sex + L1 of the normalised age."""
+    return F.binary_cross_entropy_with_logits(out["female"], t["female"]) + \
+        F.l1_loss(out["age"] / AGE_SCALE, t["age"] / AGE_SCALE)
 
 
 def train(steps: int = 3000, n: int = 8000, out: Path = WEIGHTS, workers: int = 1, seed: int = SEED):
@@ -122,8 +101,9 @@ def train(steps: int = 3000, n: int = 8000, out: Path = WEIGHTS, workers: int = 
     t0 = time.time()
     images, female, age = phantoms(n, seed, sizes=(R.SIZE, 256), workers=workers, progress=True)
     print(f"generated {n} phantoms in {time.time() - t0:.0f} s")
-    model = fit(DemographicReader(), R.to_tensor(images), torch.from_numpy(female).float(),
-                torch.from_numpy(age).float(), steps, seed=seed, log_every=100)
+    t = {"female": torch.from_numpy(female).float(), "age": torch.from_numpy(age).float()}
+    model = R.fit(DemographicReader(), R.to_tensor(images), t, steps, 64,
+                  torch.Generator().manual_seed(seed), log_every=100, loss_fn=loss_fn)
     R.save(model, out)
     print(f"trained in {time.time() - t0:.0f} s: {out}")
     return model

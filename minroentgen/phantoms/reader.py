@@ -165,10 +165,11 @@ def train(steps: int = 2500, n: int = 12000, batch: int = 64, seed: int = SEED, 
     return model
 
 
-def fit(model: PhantomReader, x: torch.Tensor, t: dict, steps: int, batch: int, g: torch.Generator,
-        lr: float = 3e-3, log_every: int = 0) -> PhantomReader:
-    """AdamW with a one-cycle learning rate on images x (N, 1, 128, 128) and targets t, each batch
-    drawn with replacement and augmented: exposure jitter, a shift of up to 4 pixels, half blurred."""
+def fit(model: nn.Module, x: torch.Tensor, t: dict, steps: int, batch: int, g: torch.Generator,
+        lr: float = 3e-3, log_every: int = 0, loss_fn=loss_fn) -> nn.Module:
+    """AdamW with a one-cycle learning rate on images x (N, 1, 128, 128) and targets t (a dict of
+    tensors, first axis N; loss_fn(model(xb), t[idx])), each batch drawn with replacement and
+    augmented: exposure jitter, a shift of up to 4 pixels, half blurred."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
