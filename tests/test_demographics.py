@@ -154,6 +154,29 @@ def v2_model(tmp_path_factory):
     return root / "run" / "final"
 
 
+def test_train_fine_tunes_an_sd2_folder_on_the_v2_template(tiny_configs, tmp_path):
+    """RoentGen-v2's setting in small: a diffusers SD 2.x folder (v-prediction, exact-GELU text
+    encoder) fine-tuned, UNet and text encoder, on "{age} year old {race} {sex}. {report}"; the result
+    keeps the template and SD 2's configs, and diffusers loads it."""
+    diffusers = pytest.importorskip("diffusers")
+    from oracle import diffusers_pipeline
+    pipe = diffusers_pipeline(tiny_configs["sd2"])
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    pipe.save_pretrained(tmp_path / "sd2", safe_serialization=True)
+    P.write_dataset(tmp_path / "data", 4, 64, seed=0, demographics=True)
+    train.main(["--data", str(tmp_path / "data" / "reports.csv"), "--out", str(tmp_path / "run"),
+                "--weights", str(tmp_path / "sd2"), "--resolution", "32", "--batch-size", "4",
+                "--num-workers", "0", "--sample-every", "0", "--val-prompts", "--max-steps", "1",
+                "--train-text-encoder", "--lr", "1e-3", "--prompt-template", V2_TEMPLATE])
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "sampling.json").read_text())["prompt_template"] == V2_TEMPLATE
+    tuned = diffusers.StableDiffusionPipeline.from_pretrained(final, safety_checker=None)
+    assert tuned.scheduler.config.prediction_type == "v_prediction"
+    assert tuned.text_encoder.config.hidden_act == "gelu"  # SD 2's OpenCLIP, not SD 1's quick_gelu
+    before, after = pipe.text_encoder.state_dict(), tuned.text_encoder.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the text encoder trained
+
+
 def sample_png(argv, tmp_path):
     sample.main([*argv, "--steps", "2", "--out", str(tmp_path)])
     (path,) = [p for p in tmp_path.glob("*.png") if not p.name.startswith("grid")]
