@@ -6,7 +6,6 @@ or "mixed" (either).
 import numpy as np
 
 from .classic import NORMAL, SAY, fill, write_classic  # NORMAL, SAY, fill: judge.py reads them here
-from .clinical import write_clinical
 
 STYLES = ("classic", "clinical", "mixed")
 
@@ -20,4 +19,7 @@ def write_report(labels: dict, rng: np.random.Generator, style: str = "classic")
         raise ValueError(f"report style must be one of {STYLES}, got {style!r}")
     if style == "mixed":
         style = "classic" if rng.random() < 0.5 else "clinical"
-    return write_classic(labels, rng) if style == "classic" else write_clinical(labels, rng)
+    if style == "classic":
+        return write_classic(labels, rng)
+    from .clinical import write_clinical  # here: an older classic.py (weights/README's recipes) lacks its imports
+    return write_clinical(labels, rng)
