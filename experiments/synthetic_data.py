@@ -86,10 +86,10 @@ def main(argv=None):
     if len(syn[0]) < big:
         sys.exit(f"synthetic_data.py: error: {a.synthetic} has {len(syn[0])} images; --amounts needs {big}")
     syn = (syn[0], R.targets(syn[1]))
-    imgs, labels = R.phantoms(big, REAL_SEED)  # the first --real of them are the small real set
+    imgs, labels, _ = R.phantoms(big, REAL_SEED)  # the first --real of them are the small real set
     real_all = (R.to_tensor(imgs), R.targets(labels))
     real = subset(real_all, a.real)
-    test_imgs, test_labels = R.phantoms(a.test, TEST_SEED)
+    test_imgs, test_labels, _ = R.phantoms(a.test, TEST_SEED)
     conditions = {f"real {a.real}": [real]}
     conditions |= {f"real {a.real} + synthetic {k}": [join(real, subset(syn, k))] for k in amounts}
     conditions |= {f"synthetic {a.real} only": [subset(syn, a.real)], f"synthetic {big} only": [subset(syn, big)],

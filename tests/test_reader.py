@@ -34,7 +34,7 @@ def test_reader_on_fresh_phantoms(size):
     """Issue 3: AUROC >= 0.95 per finding, >= 95% correct side for effusion and pneumothorax."""
     assert R.WEIGHTS.exists(), f"{R.WEIGHTS} is missing: run `python -m minroentgen.phantoms.reader --train`"
     model = R.load()
-    images, labels = R.phantoms(300, seed=424242, sizes=(size,))
+    images, labels, _ = R.phantoms(300, seed=424242, sizes=(size,))
     res = R.evaluate(model, images, labels)
     for f in P.FINDINGS:
         assert res[f"auroc/{f}"] >= 0.95, res
@@ -60,7 +60,7 @@ def test_softness_is_not_read_as_a_finding():
     trained without blurred examples, the reader read devices into 2.5% of these (8% of normal studies),
     with AUROC 0.95 for pneumothorax and 0.97 for devices. What is there is still found through the blur."""
     model = R.load()
-    images, labels = R.phantoms(300, seed=515151)
+    images, labels, _ = R.phantoms(300, seed=515151)
     x = R.blur(R.to_tensor(images), torch.full((len(images),), 2.0))
     prob, t = R.predict(model, x[:, 0].mul(255).round().to(torch.uint8).numpy()), R.targets(labels)
     read = prob["present"] > 0.5

@@ -12,7 +12,6 @@ rendered at 256 and shrunk), half of them blurred as reader.py does:
 Race is not read: the phantoms do not show it.
 """
 import argparse
-import multiprocessing
 import time
 from pathlib import Path
 
@@ -20,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import phantom as P
 from . import reader as R
@@ -43,34 +41,11 @@ class DemographicReader(R.PhantomReader):
         return {"female": out[:, 0], "age": out[:, 1] * AGE_SCALE + AGE_MEAN}
 
 
-def _phantom(job):
-    seed, k, size = job
-    ph = P.make(seed, k, size, demographics=True)
-    f = size // R.SIZE  # average f x f blocks, as the reader's resize does
-    img = ph.image.reshape(R.SIZE, f, R.SIZE, f).mean((1, 3)).round().astype(np.uint8)
-    return img, ph.person.sex == "female", ph.person.age
-
-
 def phantoms(n: int, seed: int, sizes=(R.SIZE,), workers: int = 1, progress: bool = False):
     """n demographic phantoms of data set `seed` at 128 px (sizes cycling, each a multiple of 128),
     as uint8 (n, 128, 128), is-female (n,) bool and ages (n,) int."""
-    jobs = [(seed, k, sizes[k % len(sizes)]) for k in range(n)]
-    with multiprocessing.Pool(workers) if workers > 1 else _Serial() as pool:
-        res = list(tqdm(pool.imap(_phantom, jobs, chunksize=32), total=n, desc="demographic phantoms",
-                        disable=not progress))
-    return (np.stack([r[0] for r in res]), np.array([r[1] for r in res]),
-            np.array([r[2] for r in res]))
-
-
-class _Serial:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap(self, fn, jobs, chunksize=1):
-        return map(fn, jobs)
+    images, _, people = R.phantoms(n, seed, sizes, workers, demographics=True, progress=progress)
+    return images, np.array([p.sex == "female" for p in people]), np.array([p.age for p in people])
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from . import phantom as P
 from ..weights import WeightsError, check_state_dict, read_state_dict, written_atomically
@@ -105,21 +106,23 @@ def to_tensor(images) -> torch.Tensor:
 
 
 def _phantom(job):
-    seed, k, size = job
-    ph = P.make(seed, k, size)
+    seed, k, size, demographics = job
+    ph = P.make(seed, k, size, demographics=demographics)
     f = size // SIZE  # sizes here are multiples of 128: average f x f blocks, as the reader's resize does
     img = ph.image.reshape(SIZE, f, SIZE, f).mean((1, 3)).round().astype(np.uint8)
-    return img, ph.labels
+    return img, ph.labels, ph.person
 
 
-def phantoms(n: int, seed: int, sizes=(SIZE,), workers: int = 2):
-    """n phantoms of data set `seed`, sizes cycling through `sizes`, as 128x128 uint8 and labels."""
+def phantoms(n: int, seed: int, sizes=(SIZE,), workers: int = 2, demographics: bool = False,
+             progress: bool = False):
+    """n phantoms of data set `seed`, sizes cycling through `sizes`, as 128x128 uint8, labels and
+    patients (P.make's person: None unless demographics, see demographic_reader.py)."""
     if any(s % SIZE for s in sizes):
         raise ValueError(f"phantom sizes for the reader must be multiples of {SIZE}, got {sizes}")
-    jobs = [(seed, k, sizes[k % len(sizes)]) for k in range(n)]
+    jobs = [(seed, k, sizes[k % len(sizes)], demographics) for k in range(n)]
     with multiprocessing.Pool(workers) as pool:
-        res = pool.map(_phantom, jobs, chunksize=32)
-    return np.stack([r[0] for r in res]), [r[1] for r in res]
+        res = list(tqdm(pool.imap(_phantom, jobs, chunksize=32), total=n, desc="phantoms", disable=not progress))
+    return np.stack([r[0] for r in res]), [r[1] for r in res], [r[2] for r in res]
 
 
 @torch.no_grad()
@@ -154,7 +157,7 @@ def train(steps: int = 2500, n: int = 12000, batch: int = 64, seed: int = SEED, 
     """Train on n fresh phantoms (half rendered at 128, half at 256 and downsampled), then refit the device heads."""
     torch.manual_seed(seed)
     t0 = time.time()
-    images, labels = phantoms(n, seed, sizes=(SIZE, 256))
+    images, labels, _ = phantoms(n, seed, sizes=(SIZE, 256))
     print(f"generated {n} phantoms in {time.time() - t0:.0f} s")
     x, t = to_tensor(images), targets(labels)
     model = PhantomReader()
